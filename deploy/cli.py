@@ -1,0 +1,131 @@
+"""`python -m deploy VERB RECIPE`: one plain function per verb; the work lives in the modules.
+
+Every flag a container may need to change can also be set by environment variable
+(XLAB_DEPLOY_HOST, XLAB_DEPLOY_PORT), so `docker run -e ...` works without a rebuild.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from deploy.model_source import ModelSourceError
+from deploy.recipe import RecipeError, json_schema, load_recipe
+
+log = logging.getLogger("deploy")
+
+
+def validate(recipes: list[Path]) -> int:
+    """Check recipes in full; print each one's verdict."""
+    failed = 0
+    for path in recipes:
+        try:
+            recipe = load_recipe(path)
+        except RecipeError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(f"ok: {path} ({recipe.name}: {recipe.model.source} model, "
+              f"{recipe.engine.backend} engine, serve {recipe.serve.mode})")
+    return 2 if failed else 0
+
+
+def schema(out: Path | None) -> int:
+    """Write the recipe's JSON Schema, for editors."""
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+def build(recipe: Path) -> int:
+    """Prepare what the recipe needs before serving (fetch or convert the model)."""
+    from deploy.model_source import model_dir
+
+    print(f"model ready: {model_dir(load_recipe(recipe))}")
+    return 0
+
+
+def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
+    """Serve the recipe (gradio UI + API, API only, or the terminal chat, per serve.mode)."""
+    if recipe is None:
+        raise RecipeError("Give a recipe: python -m deploy serve RECIPE (or set XLAB_DEPLOY_RECIPE).")
+    loaded = load_recipe(recipe)
+    if loaded.serve.mode == "chat":
+        return chat(recipe)
+    from deploy.server import run
+
+    run(loaded, host=host, port=port)
+    return 0
+
+
+def chat(recipe: Path) -> int:
+    """Chat with the recipe's model in this terminal."""
+    from deploy.assistant import Assistant
+    from deploy.terminal_chat import chat_loop
+
+    with Assistant.from_recipe(recipe) as assistant:
+        chat_loop(assistant)
+    return 0
+
+
+VERBS = {"validate": validate, "schema": schema, "build": build, "serve": serve, "chat": chat}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy",
+        description="xlab-deploy: turn a recipe into a served, quantized chat assistant.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("validate", help=validate.__doc__, description=validate.__doc__)
+    p.add_argument("recipes", nargs="+", type=Path, metavar="RECIPE")
+
+    p = verbs.add_parser("schema", help=schema.__doc__, description=schema.__doc__)
+    p.add_argument("--out", type=Path, help="write to this file instead of stdout")
+
+    p = verbs.add_parser("build", help=build.__doc__, description=build.__doc__)
+    p.add_argument("recipe", type=Path, metavar="RECIPE")
+
+    p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
+    p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",
+                   default=os.environ.get("XLAB_DEPLOY_RECIPE"),
+                   help="recipe file (default: $XLAB_DEPLOY_RECIPE)")
+    p.add_argument("--host", default=os.environ.get("XLAB_DEPLOY_HOST"),
+                   help="interface to bind (default: serve.host, else $XLAB_DEPLOY_HOST)")
+    p.add_argument("--port", type=int, default=_env_int("XLAB_DEPLOY_PORT"),
+                   help="port (default: serve.port, else $XLAB_DEPLOY_PORT)")
+
+    p = verbs.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
+    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    return parser
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    verb = args.pop("verb")
+    logging.basicConfig(
+        level=logging.DEBUG if args.pop("verbose") else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return VERBS[verb](**args)
+    except (RecipeError, ModelSourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,131 @@
+"""The one small interface every engine implements.
+
+The server, UI, terminal chat, memory report and benchmark see only this. It is async and
+per-request streaming so that an engine with continuous batching (LMDeploy) can serve many
+requests at once, while a simple engine (transformers) may queue them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+Message = dict[str, str]  # OpenAI-style: {"role": "user", "content": "..."}
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not leave room for an answer inside the engine's session length."""
+
+    def __init__(self, prompt_tokens: int, session_len: int):
+        self.prompt_tokens = prompt_tokens
+        self.session_len = session_len
+        super().__init__(
+            f"The prompt has {prompt_tokens} tokens but engine.session_len is {session_len}: "
+            "shorten the conversation or raise engine.session_len in the recipe."
+        )
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    """One piece of a streamed answer. The last one has finish_reason set and the token counts."""
+
+    text: str = ""
+    finish_reason: Literal["stop", "length"] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineMemory:
+    """What the engine knows about its own memory; None where it cannot tell."""
+
+    device: str
+    weight_bytes: int | None = None
+    kv_bytes_per_token: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_capacity_tokens: int | None = None
+    kv_block_size: int | None = None
+    kv_blocks: int | None = None
+    sessions_that_fit: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine(ABC):
+    """A loaded model that streams chat answers."""
+
+    name: str  # e.g. "transformers", "lmdeploy-pytorch"
+    session_len: int
+
+    @abstractmethod
+    def stream_chat(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[Delta]:
+        """Stream the answer to `messages`. Closing the iterator early cancels the request."""
+
+    @abstractmethod
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Tokens of the prompt that `messages` renders to, chat template included."""
+
+    @abstractmethod
+    def memory(self) -> EngineMemory:
+        """The engine's own view of its memory."""
+
+    def close(self) -> None:  # noqa: B027 - optional for engines holding nothing to free
+        """Free the model; the engine is unusable afterwards."""
+
+    async def chat(self, messages: list[Message], params: GenerationParams) -> Delta:
+        """The whole answer at once: the streamed pieces joined, with the final counts."""
+        pieces: list[str] = []
+        last = Delta()
+        async for delta in self.stream_chat(messages, params):
+            pieces.append(delta.text)
+            last = delta
+        return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+class StopMatcher:
+    """Cuts a stream of text at the first stop string, holding back text that may begin one.
+
+    Engines stream text in arbitrary pieces, so a stop string can straddle two pieces; the
+    matcher keeps back at most len(longest stop) - 1 characters until it knows.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+            return out
+        # Hold back the longest tail that could still grow into a stop string.
+        longest = max(len(s) for s in self.stops) - 1
+        hold = next(
+            (k for k in range(min(len(self.pending), longest), 0, -1)
+             if any(s.startswith(self.pending[-k:]) for s in self.stops)),
+            0,
+        )
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return "" if self.stopped else out

@@ -1,0 +1,67 @@
+"""The memory report behind GET /memory: GPUs through NVML, this process's RSS, the engine's view."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from deploy.engines import Engine
+from deploy.recipe import Recipe
+
+
+def gpu_report(pid: int | None = None) -> dict:
+    """Per-GPU name, total, used and this process's share; or no GPUs and the reason."""
+    pid = pid or os.getpid()
+    try:
+        import pynvml  # from nvidia-ml-py
+    except ImportError:
+        return {"gpus": [], "gpu_reason": "nvidia-ml-py is not installed"}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"gpus": [], "gpu_reason": f"NVML unavailable: {exc} (no NVIDIA GPU or driver)"}
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            gpus.append({
+                "index": index,
+                "name": name.decode() if isinstance(name, bytes) else name,
+                "total_bytes": int(info.total),
+                "used_bytes": int(info.used),
+                "process_bytes": _process_share(pynvml, handle, pid),
+            })
+        return {"gpus": gpus, "gpu_reason": None if gpus else "NVML found no GPU"}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _process_share(pynvml, handle, pid: int) -> int | None:
+    """GPU memory held by this process and its children (LMDeploy runs workers in children)."""
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except pynvml.NVMLError:
+        return None
+    family = {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
+    used = [p.usedGpuMemory for p in procs if p.pid in family and p.usedGpuMemory is not None]
+    # Inside a container NVML may report host pids that match none of ours: unknown, not zero.
+    return sum(used) if used else None
+
+
+def memory_report(engine: Engine, recipe: Recipe) -> dict:
+    process = psutil.Process()
+    return {
+        **gpu_report(process.pid),
+        "process": {"pid": process.pid, "rss_bytes": process.memory_info().rss},
+        "engine": {"backend": engine.name, **engine.memory().as_dict()},
+        "settings": {
+            "engine": recipe.engine.model_dump(),
+            "quantization": {
+                "weights": recipe.quantization.weights,
+                "kv_cache": recipe.quantization.kv_cache,
+            },
+        },
+    }

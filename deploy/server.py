@@ -1,0 +1,214 @@
+"""One server process: the OpenAI-compatible API, /health, /memory and (in gradio mode) the UI at /.
+
+The engine loads in a background thread after the server starts listening, so /health answers
+`starting` at once and a slow model load never looks like a dead server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy.assistant import Assistant
+from deploy.engines import PromptTooLongError
+from deploy.memory import memory_report
+from deploy.openai_protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    completion_body,
+    error_body,
+    new_completion_id,
+    sse_chunk,
+    usage,
+)
+from deploy.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, kind, param, code), headers
+
+
+class _State:
+    """The assistant once loaded, or why it is not there yet."""
+
+    def __init__(self, assistant: Assistant | None):
+        self.assistant = assistant
+        self.error: str | None = None
+
+    def ready(self) -> Assistant:
+        if self.assistant is not None:
+            return self.assistant
+        if self.error:
+            raise ApiError(500, f"The model failed to load: {self.error}", "server_error")
+        raise ApiError(503, "The model is still loading; retry shortly.", "server_error",
+                       headers={"Retry-After": "5"})
+
+
+def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool | None = None) -> FastAPI:
+    """The server app. With no `assistant`, the recipe's engine loads in the background on start."""
+    state = _State(assistant)
+    api_key = _api_key(recipe)
+
+    async def lifespan(app: FastAPI):
+        loader = None
+        if state.assistant is None:
+            loader = asyncio.create_task(_load(recipe, state))
+        yield
+        if loader is not None and not loader.done():
+            loader.cancel()
+        if state.assistant is not None and assistant is None:  # close only what we opened
+            state.assistant.close()
+
+    app = FastAPI(title=f"xlab-deploy: {recipe.name}", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # its loc is a character offset, not a field
+            return JSONResponse(error_body("The request body is not valid JSON."), status_code=400)
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = f"{param or 'body'}: {first['msg']}"
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.",
+                           "authentication_error", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        if state.assistant is not None:
+            return {"status": "ok", "model": recipe.name, "engine": state.assistant.engine.name}
+        status = "failed" if state.error else "starting"
+        return JSONResponse({"status": status, "model": recipe.name, "error": state.error},
+                            status_code=503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [
+            {"id": recipe.name, "object": "model", "created": 0, "owned_by": "xlab-deploy"}
+        ]}
+
+    @app.get("/memory")
+    async def memory(request: Request):
+        check_key(request)
+        current = state.ready()
+        return await asyncio.to_thread(memory_report, current.engine, recipe)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_key(request)
+        current = state.ready()
+        if body.model != recipe.name:
+            raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
+                           f"{recipe.name!r}.", param="model", code="model_not_found")
+        messages = body.plain_messages()
+        prompt_tokens = current.count_tokens(messages)
+        if prompt_tokens >= current.engine.session_len:
+            raise ApiError(400, str(PromptTooLongError(prompt_tokens, current.engine.session_len)),
+                           param="messages", code="context_length_exceeded")
+        params = current.params(
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+        )
+        completion_id = new_completion_id()
+        if not body.stream:
+            answer = await current.chat(messages, params)
+            return completion_body(completion_id, recipe.name, answer)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(current.stream(messages, params), completion_id, recipe.name, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    if ui if ui is not None else recipe.serve.mode == "gradio":
+        import gradio as gr  # imported only when the UI is served: it costs seconds
+
+        from deploy.ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(recipe, state.ready), path="/")
+    return app
+
+
+async def _sse(stream: AsyncIterator, completion_id: str, model: str,
+               include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    yield sse_chunk(completion_id, model, created, {"role": "assistant", "content": ""})
+    try:
+        async for delta in stream:
+            if delta.text:
+                yield sse_chunk(completion_id, model, created, {"content": delta.text})
+            if delta.finish_reason:
+                yield sse_chunk(completion_id, model, created, {}, delta.finish_reason)
+                if include_usage:
+                    yield sse_chunk(completion_id, model, created, {}, usage_body=usage(delta),
+                                    choices=False)
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        log.exception("generation failed")
+        yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
+    finally:
+        await stream.aclose()
+    yield SSE_DONE
+
+
+async def _load(recipe: Recipe, state: _State) -> None:
+    started = time.perf_counter()
+    try:
+        state.assistant = await asyncio.to_thread(Assistant.from_recipe, recipe)
+        log.info("ready in %.1fs: %s on %s", time.perf_counter() - started, recipe.name,
+                 state.assistant.engine.name)
+    except Exception as exc:
+        state.error = str(exc)
+        log.error("the model failed to load: %s", exc)
+
+
+def _api_key(recipe: Recipe) -> str | None:
+    name = recipe.serve.api_key_env
+    if name is None:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        raise RecipeError(
+            f"serve.api_key_env names {name}, but it is not set: export {name}=... before "
+            "serving, or remove serve.api_key_env to serve without a key."
+        )
+    return value
+
+
+def run(recipe: Recipe, host: str | None = None, port: int | None = None) -> None:
+    """Serve until interrupted; SIGTERM and Ctrl-C let in-flight requests finish first."""
+    import uvicorn
+
+    host = host or recipe.serve.host
+    port = recipe.serve.port if port is None else port
+    log.info("serving %s on http://%s:%d (mode %s)", recipe.name, host, port, recipe.serve.mode)
+    uvicorn.run(create_app(recipe), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=30)

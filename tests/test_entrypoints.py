@@ -1,0 +1,77 @@
+"""The commands a user runs: `python -m deploy serve` and the terminal chat."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from deploy.terminal_chat import chat_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_reports_starting_then_answers(tmp_path):
+    recipe = tmp_path / "api.yaml"
+    recipe.write_text((ROOT / "recipes" / "smollm2-cpu.yaml").read_text()
+                      .replace("mode: gradio", "mode: api").replace("name: smollm2-cpu", "name: t"))
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port",
+                             str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        seen = set()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(url + "/health").json()["status"]
+            except httpx.TransportError:
+                status = None
+            seen.add(status)
+            if status == "ok":
+                break
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.1)
+        assert {"starting", "ok"} <= seen, (tmp_path / "serve.log").read_text()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(
+            model="t", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16, temperature=0)
+        assert "Paris" in reply.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    logs = (tmp_path / "serve.log").read_text()
+    # uvicorn re-raises SIGTERM once it has shut down cleanly, so -15 is a clean exit too.
+    assert proc.returncode in (0, -15), logs
+    assert "ready in" in logs and "Application shutdown complete" in logs
+    assert "Traceback" not in logs
+
+
+def test_terminal_chat_streams_resets_and_exits(assistant):
+    stdin = io.StringIO("What is the capital of France?\n/reset\nWhat is 2 + 2?\n/exit\n")
+    out = io.StringIO()
+    chat_loop(assistant, stdin=stdin, out=out)
+    text = out.getvalue()
+    assert "Paris" in text
+    assert "(conversation reset)" in text
+    assert text.count("assistant> ") == 2
+
+
+def test_terminal_chat_ends_on_eof(assistant):
+    out = io.StringIO()
+    chat_loop(assistant, stdin=io.StringIO(""), out=out)
+    assert out.getvalue().endswith("you> \n")
