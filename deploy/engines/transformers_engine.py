@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from transformers import AutoModelForCausalLM, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from deploy.engines.base import (
@@ -27,6 +27,8 @@ from deploy.engines.base import (
     PromptTooLongError,
     StopMatcher,
 )
+from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
+from deploy.sizing import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +53,12 @@ class TransformersEngine(Engine):
         self.dtype = DTYPES[dtype] if dtype != "auto" else (
             torch.float16 if self.device.startswith("cuda") else torch.bfloat16
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if chat_template:
-            self.tokenizer.chat_template = chat_template
-        if not self.tokenizer.chat_template:
-            raise ValueError(
-                f"The tokenizer in {model_dir} has no chat template: set model.chat_template "
-                "in the recipe."
-            )
+        self.tokenizer = load_tokenizer(model_dir, chat_template)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         self.model.to(self.device).eval()
         self.session_len = min(session_len, _max_positions(self.model.config) or session_len)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._eos = _eos_ids(self.model, self.tokenizer)
+        self._eos = set(eos_ids(model_dir, self.tokenizer))
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos, default=0)
 
@@ -115,7 +110,7 @@ class TransformersEngine(Engine):
         return EngineMemory(
             device=self.device,
             weight_bytes=weights,
-            kv_bytes_per_token=kv_bytes_per_token(self.model.config, self.dtype.itemsize),
+            kv_bytes_per_token=kv_bytes_per_token(self.model.config, "none", self.dtype.itemsize),
             notes=[
                 "transformers grows the KV cache per request instead of pre-allocating it, "
                 "so there is no fixed KV capacity; requests run one at a time."
@@ -131,11 +126,7 @@ class TransformersEngine(Engine):
     # -- internals ----------------------------------------------------------------------------
 
     def _encode(self, messages: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        # The template already holds any BOS token, so add no special tokens a second time.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tokenizer, messages)
 
     def _generate(self, prompt, params, max_new, streamer, cancel) -> None:
         try:
@@ -165,24 +156,8 @@ class TransformersEngine(Engine):
             streamer.end()
 
 
-def kv_bytes_per_token(config, dtype_bytes: float) -> int:
-    """K and V for every layer: layers x kv_heads x head_dim x 2 x bytes."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return int(config.num_hidden_layers * kv_heads * head_dim * 2 * dtype_bytes)
-
-
 def _max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 class _Cancelled(StoppingCriteria):
