@@ -65,6 +65,9 @@ class Model(_Section):
         "path relative to the recipe.",
     )
     system_prompt: str | None = Field(None, description="System message put before every chat.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model (InternLM2 needs it)."
+    )
 
     @model_validator(mode="after")
     def _source_needs(self) -> Model:

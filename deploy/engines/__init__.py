@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -24,6 +25,8 @@ __all__ = [
     "PromptTooLongError",
     "load_engine",
     "pick_backend",
+    "lmdeploy_problem",
+    "visible_gpus",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,28 @@ def pick_backend(recipe: Recipe) -> str:
     """The backend `auto` resolves to on this machine, logged with the reason."""
     if recipe.engine.backend != "auto":
         return recipe.engine.backend
-    backend, why = "transformers", "LMDeploy is not installed"
+    backend, why = _auto_backend()
     log.info("engine.backend auto -> %s (%s)", backend, why)
     return backend
+
+
+def _auto_backend() -> tuple[str, str]:
+    if importlib.util.find_spec("lmdeploy") is None:
+        return "transformers", "LMDeploy is not installed"
+    gpus = visible_gpus()
+    if gpus == 0:
+        return "transformers", "no CUDA GPU is visible"
+    from lmdeploy import turbomind
+
+    if turbomind.is_available():
+        return "lmdeploy-turbomind", "TurboMind's native module loads"
+    return "lmdeploy-pytorch", f"TurboMind is unavailable here ({turbomind._import_error})"
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def load_engine(recipe: Recipe, model_dir: Path) -> Engine:
@@ -50,9 +72,31 @@ def load_engine(recipe: Recipe, model_dir: Path) -> Engine:
             session_len=recipe.engine.session_len,
             chat_template=chat_template_text(recipe),
         )
-    raise RecipeError(
-        f"engine.backend {backend!r} needs LMDeploy on a GPU: pip install 'xlab-deploy[lmdeploy]'."
-    )
+    check_lmdeploy_can_run(recipe, backend)
+    from deploy.engines.lmdeploy_engine import LMDeployEngine
+
+    return LMDeployEngine(model_dir, recipe, backend)
+
+
+def check_lmdeploy_can_run(recipe: Recipe, backend: str) -> None:
+    installed = importlib.util.find_spec("lmdeploy") is not None
+    problem = lmdeploy_problem(backend, recipe.engine.tp, installed, visible_gpus() if installed else 0)
+    if problem:
+        raise RecipeError(problem)
+
+
+def lmdeploy_problem(backend: str, tp: int, installed: bool, gpus: int) -> str | None:
+    """Why an LMDeploy backend cannot start on this machine, as advice; None if it can."""
+    if not installed:
+        return (f"engine.backend {backend!r} needs LMDeploy: pip install 'xlab-deploy[lmdeploy]' on a "
+                "machine with an NVIDIA GPU, or set engine.backend: transformers.")
+    if gpus == 0:
+        return (f"engine.backend {backend!r} needs an NVIDIA GPU and none is visible. Use "
+                "engine.backend: transformers (CPU), or run on a GPU machine.")
+    if tp > gpus:
+        return (f"engine.tp is {tp} but {gpus} GPU(s) are visible: lower engine.tp to {gpus} or "
+                "less, or check CUDA_VISIBLE_DEVICES.")
+    return None
 
 
 def _refuse_unsupported_on_transformers(recipe: Recipe) -> None:
@@ -61,10 +105,11 @@ def _refuse_unsupported_on_transformers(recipe: Recipe) -> None:
         raise RecipeError(
             f"quantization.kv_cache {q.kv_cache!r} is served by LMDeploy on a GPU; the transformers "
             "engine runs an unquantized KV cache. Set quantization.kv_cache: none, or use an "
-            "lmdeploy backend."
+            "lmdeploy backend on a GPU."
         )
     if q.weights != "none":
         raise RecipeError(
             "quantization.weights 'w4a16' is served by LMDeploy on a GPU; the transformers engine "
-            "serves unquantized weights. Set quantization.weights: none, or use an lmdeploy backend."
+            "serves unquantized weights. Set quantization.weights: none, or use an lmdeploy "
+            "backend on a GPU."
         )

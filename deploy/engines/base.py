@@ -59,6 +59,7 @@ class EngineMemory:
     kv_blocks: int | None = None
     sessions_that_fit: int | None = None
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the engine settings behind these numbers
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,222 @@
+"""LMDeploy engine (TurboMind or PyTorch) on a GPU, behind the kit's Engine interface.
+
+Requests go straight into LMDeploy's AsyncEngine on the caller's event loop, so concurrent requests
+are batched by LMDeploy's scheduler (continuous batching), not queued by the kit. The kit renders
+the prompt itself (see chat_format.py) and hands LMDeploy token ids: no template guessed from a
+folder name. `engine_config_kwargs` is the one place where recipe fields become LMDeploy settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from deploy.engines.base import (
+    Delta,
+    Engine,
+    EngineMemory,
+    GenerationParams,
+    Message,
+    PromptTooLongError,
+    StopMatcher,
+)
+from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
+from deploy.recipe import Recipe, RecipeError, chat_template_text
+from deploy.sizing import kv_bytes_per_token
+
+log = logging.getLogger(__name__)
+
+QUANT_POLICY = {"none": 0, "int8": 8, "int4": 4}
+BLOCK_TOKENS = 64  # LMDeploy's default KV block: PyTorch `block_size`, TurboMind `cache_block_seq_len`
+DEFAULT_CACHE_RATIO = 0.8  # LMDeploy's own default
+
+
+def engine_config_kwargs(recipe: Recipe, backend: str, model_config: dict) -> dict:
+    """The recipe in LMDeploy's terms, for TurbomindEngineConfig or PytorchEngineConfig."""
+    engine, quant = recipe.engine, recipe.quantization
+    if engine.dtype == "float32":
+        raise RecipeError(
+            "engine.dtype 'float32' is not served by LMDeploy: use auto, float16 or bfloat16."
+        )
+    kwargs = {
+        "dtype": engine.dtype,
+        "session_len": engine.session_len,
+        "max_batch_size": engine.max_batch_size,
+        "tp": engine.tp,
+        "quant_policy": QUANT_POLICY[quant.kv_cache],
+    }
+    if backend == "lmdeploy-turbomind":
+        kwargs["model_format"] = "awq" if quant.weights == "w4a16" else "hf"
+        kwargs["cache_block_seq_len"] = BLOCK_TOKENS
+    else:
+        # The PyTorch engine reads AWQ from the checkpoint's quantization_config; its model_format
+        # only accepts 'fp8', so it stays unset here.
+        kwargs["block_size"] = BLOCK_TOKENS
+    if engine.kv_cache_gib is not None:
+        blocks = kv_blocks_for(engine.kv_cache_gib, model_config, quant.kv_cache, engine.tp)
+        if backend == "lmdeploy-turbomind":
+            kwargs["cache_max_entry_count"] = blocks  # TurboMind: an integer > 1 is a block count
+        else:
+            kwargs["num_gpu_blocks"] = blocks
+            kwargs["cache_max_entry_count"] = DEFAULT_CACHE_RATIO  # unused once blocks are fixed
+    else:
+        # A share of the memory still FREE after the weights load, not of the whole card.
+        kwargs["cache_max_entry_count"] = engine.cache_max_entry_count or DEFAULT_CACHE_RATIO
+    return kwargs
+
+
+def kv_blocks_for(gib: float, model_config: dict, kv_cache: str, tp: int = 1) -> int:
+    """KV blocks that fit in `gib` GiB on each GPU (tensor parallelism splits the KV heads)."""
+    per_block = kv_bytes_per_token(model_config, kv_cache) * BLOCK_TOKENS / tp
+    blocks = int(gib * 2**30 // per_block)
+    if blocks < 16:
+        raise RecipeError(
+            f"engine.kv_cache_gib {gib} holds only {blocks} KV blocks of {BLOCK_TOKENS} tokens; "
+            "LMDeploy needs at least 16. Raise engine.kv_cache_gib."
+        )
+    return blocks
+
+
+def lmdeploy_config(recipe: Recipe, backend: str, model_config: dict):
+    from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
+
+    cls = TurbomindEngineConfig if backend == "lmdeploy-turbomind" else PytorchEngineConfig
+    return cls(**engine_config_kwargs(recipe, backend, model_config))
+
+
+class LMDeployEngine(Engine):
+    def __init__(self, model_dir: Path, recipe: Recipe, backend: str):
+        from lmdeploy.serve.core.async_engine import AsyncEngine
+
+        self.name = backend
+        self.recipe = recipe
+        self.model_dir = Path(model_dir)
+        self.model_config = json.loads((self.model_dir / "config.json").read_text())
+        _check_weights(recipe, self.model_config, self.model_dir)
+        trust = recipe.model.trust_remote_code
+        self.tokenizer = load_tokenizer(self.model_dir, chat_template_text(recipe), trust)
+        self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
+        self.config = lmdeploy_config(recipe, backend, self.model_config)
+        log.info("LMDeploy %s config: %s", backend, self.config)
+        self._engine = AsyncEngine(
+            str(self.model_dir),
+            backend="turbomind" if backend == "lmdeploy-turbomind" else "pytorch",
+            backend_config=self.config,
+            trust_remote_code=trust,
+        )
+        self.session_len = self._engine.session_len
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(encode_chat(self.tokenizer, messages))
+
+    async def stream_chat(
+        self, messages: list[Message], params: GenerationParams
+    ) -> AsyncIterator[Delta]:
+        from lmdeploy import GenerationConfig
+
+        self._bind_loop()
+        prompt = encode_chat(self.tokenizer, messages)
+        if len(prompt) >= self.session_len:
+            raise PromptTooLongError(len(prompt), self.session_len)
+        sampling = params.temperature > 0
+        config = GenerationConfig(
+            max_new_tokens=min(params.max_tokens, self.session_len - len(prompt)),
+            do_sample=sampling,
+            temperature=params.temperature if sampling else 1.0,
+            top_p=params.top_p,
+            random_seed=params.seed,
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=True,
+        )
+        request = await self._engine.preprocess(
+            None, self._engine.session_mgr.get(), gen_config=config, input_ids=prompt,
+            do_preprocess=False,
+        )
+        stops = StopMatcher(params.stop)
+        outputs = self._engine.generate(request, stream_response=True)
+        last = None
+        try:
+            async for out in outputs:
+                last = out
+                if out.finish_reason == "error":
+                    raise RuntimeError("LMDeploy reported an error while generating.")
+                text = stops.feed(out.response.rstrip("\ufffd") if out.finish_reason else out.response)
+                if text:
+                    yield Delta(text)
+                if stops.stopped:
+                    break
+            finish = "stop" if stops.stopped or last is None or last.finish_reason != "length" \
+                else "length"
+            generated = last.generate_token_len if last is not None else 0
+            yield Delta(stops.flush(), finish, len(prompt), generated)
+        finally:
+            await outputs.aclose()  # cancels the request inside LMDeploy if still running
+
+    def memory(self) -> EngineMemory:
+        cfg = self._engine.backend_config
+        blocks = getattr(cfg, "num_gpu_blocks", 0) or None
+        block = getattr(cfg, "block_size", None) or getattr(cfg, "cache_block_seq_len", None)
+        per_token = kv_bytes_per_token(self.model_config, self.recipe.quantization.kv_cache)
+        tokens = blocks * block if blocks and block else None
+        notes = [
+            "weight_bytes is the size of the checkpoint's weight files; KV bytes are computed as "
+            "blocks x block tokens x bytes per token from the model's config.",
+        ]
+        if blocks is None:
+            notes.append(f"{self.name} does not report its KV block count.")
+        return EngineMemory(
+            device="cuda",
+            weight_bytes=_weight_file_bytes(self.model_dir),
+            kv_bytes_per_token=per_token,
+            kv_cache_bytes=tokens * per_token if tokens else None,
+            kv_capacity_tokens=tokens,
+            kv_block_size=block,
+            kv_blocks=blocks,
+            sessions_that_fit=tokens // self.session_len if tokens else None,
+            notes=notes,
+            settings={
+                "cache_max_entry_count": getattr(cfg, "cache_max_entry_count", None),
+                "quant_policy": int(getattr(cfg, "quant_policy", 0)),
+                "model_format": getattr(cfg, "model_format", None),
+                "session_len": self.session_len,
+                "max_batch_size": getattr(cfg, "max_batch_size", None),
+                "tp": getattr(cfg, "tp", None),
+            },
+        )
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def _bind_loop(self) -> None:
+        """LMDeploy's engine loop lives on one asyncio loop: the one that first sends a request."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._engine.start_loop(loop, use_async_api=True)
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(
+                "This LMDeploy engine is bound to the event loop that first used it; send every "
+                "request from that loop (one server, one asyncio.run)."
+            )
+
+
+def _check_weights(recipe: Recipe, config: dict, model_dir: Path) -> None:
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if recipe.quantization.weights == "w4a16" and method != "awq":
+        raise RecipeError(
+            f"quantization.weights is 'w4a16' but {model_dir} holds unquantized weights: "
+            "run `python -m deploy build RECIPE` to AWQ-quantize them first."
+        )
+    if recipe.quantization.weights == "none" and method == "awq":
+        raise RecipeError(
+            f"{model_dir} holds AWQ weights: set quantization.weights: w4a16 in the recipe."
+        )
+
+
+def _weight_file_bytes(model_dir: Path) -> int:
+    files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)

@@ -1,0 +1,97 @@
+"""W4A16 AWQ quantization with LMDeploy, fed LOCAL calibration text: no hub, no patched files.
+
+LMDeploy's `lite auto_awq` accepts only hub dataset names and loads them through `datasets`. Its
+Python API looks the loader up as a module attribute at call time, so the kit swaps in a loader
+that reads the recipe's calibration file for the duration of the call, then restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+from deploy.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def default_calibration_file() -> Path:
+    return Path(str(resources.files("deploy") / "data" / "calibration.txt"))
+
+
+def calibration_text(path: Path) -> str:
+    """A text file as is, or the text of a JSONL file's `text` / `prompt` (+ `reference`) fields."""
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return raw
+    rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    return "\n\n".join(
+        "\n".join(str(r[k]) for k in ("text", "prompt", "reference") if r.get(k)) for r in rows
+    )
+
+
+def calibration_samples(tokenizer, text: str, samples: int, seqlen: int, seed: int = 0) -> list:
+    """`samples` windows of `seqlen` tokens, drawn at random as LMDeploy's own loaders draw them."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] <= seqlen:  # a short file is repeated until one window fits
+        ids = ids.repeat(1, seqlen // ids.shape[1] + 2)
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.shape[1] - seqlen - 1) for _ in range(samples)]
+    return [ids[:, s:s + seqlen].to(torch.long) for s in starts]
+
+
+@contextmanager
+def _local_calibration(text: str):
+    from lmdeploy.lite.apis import calibrate as calibrate_module
+
+    original = calibrate_module.get_calib_loaders
+
+    def local_loader(name, tokenizer, nsamples=128, seed=0, seqlen=2048):
+        return calibration_samples(tokenizer, text, nsamples, seqlen, seed)
+
+    calibrate_module.get_calib_loaders = local_loader
+    try:
+        yield
+    finally:
+        calibrate_module.get_calib_loaders = original
+
+
+def awq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
+    """AWQ-quantize `source_dir` into `out_dir`, atomically: the folder appears only when complete."""
+    from lmdeploy.lite.apis.auto_awq import auto_awq
+
+    quant = recipe.quantization
+    calib = quant.calibration
+    calib_file = recipe.resolve(calib.file) if calib.file else default_calibration_file()
+    text = calibration_text(calib_file)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        log.info("AWQ w4 g%d on %s, calibration %s (%d x %d tokens)", quant.group_size,
+                 source_dir, calib_file, calib.samples, calib.seqlen)
+        with _local_calibration(text):
+            auto_awq(
+                str(source_dir),
+                work_dir=str(work),
+                calib_dataset="wikitext2",  # a name LMDeploy accepts; the loader above is local
+                calib_samples=calib.samples,
+                calib_seqlen=calib.seqlen,
+                w_group_size=quant.group_size,
+                dtype="float16",
+                trust_remote_code=recipe.model.trust_remote_code,
+            )
+        for leftover in ("inputs_stats.pth", "outputs_stats.pth"):  # calibration intermediates
+            (work / leftover).unlink(missing_ok=True)
+        os.replace(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the kit's GPU work on the lent H100 (see ../shared/device/README.md), from the repo root:
+#   bash scripts/device_run.sh setup                 # wheels + random-weight models (tiny, 7b)
+#   bash scripts/device_run.sh gputest               # pytest -m gpu against the tiny model
+#   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
+# Needs .device/whl (scripts from ../shared/device/fetch-lmdeploy-wheels.sh plus pytest, psutil)
+# and .device/tok32k carried with the call. Results go to $OUT (default ./out).
+set -euo pipefail
+OUT=${OUT:-$PWD/out}
+MODELS=${MODELS:-/tmp/xlab-models}
+mkdir -p "$OUT" "$MODELS"
+if [ ! -d /tmp/site/lmdeploy ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+model() {  # model tiny|7b: build once per machine
+  [ -f "$MODELS/$1/config.json" ] || python3 scripts/make_random_llama.py "$1" "$MODELS/$1" .device/tok32k >/dev/null
+  echo "$MODELS/$1"
+}
+case "${1:-setup}" in
+  setup) nvidia-smi -L; model tiny; model 7b ;;
+  gputest) XLAB_GPU_TEST_MODEL=$(model tiny) python3 -m pytest -q -p no:cacheprovider \
+             tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py ;;
+  lmdeploy) python3 scripts/gpu_lmdeploy.py --model "$(model 7b)" --out "$OUT/gpu" \
+             --settings "${2:-fp16,kv8,kv4,awq}" ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac

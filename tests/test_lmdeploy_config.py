@@ -1,0 +1,87 @@
+"""Recipe -> LMDeploy engine config, checked on CPU (no LMDeploy, no TurboMind .so needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.engines import load_engine, pick_backend
+from deploy.engines.lmdeploy_engine import engine_config_kwargs, kv_blocks_for
+from deploy.recipe import RecipeError, parse_recipe
+from deploy.sizing import kv_bytes_per_token
+
+# InternLM2-chat-7B's attention shape and Llama-2-7B's.
+INTERNLM2 = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "hidden_size": 4096}
+LLAMA2 = {"num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 4096}
+
+
+def recipe(**sections):
+    return parse_recipe(sections)
+
+
+def test_kv_bytes_per_token_anchors():
+    assert kv_bytes_per_token(INTERNLM2) == 128 * 1024
+    assert kv_bytes_per_token(LLAMA2) == 512 * 1024
+    # int8 halves the elements and adds an fp16 scale and zero per head: about 2x fewer bytes.
+    assert kv_bytes_per_token(LLAMA2, "int8") == 32 * 32 * 2 * (128 + 4)
+    assert kv_bytes_per_token(LLAMA2, "int4") == 32 * 32 * 2 * (64 + 4)
+
+
+def test_pytorch_engine_config_from_recipe():
+    r = recipe(quantization={"weights": "w4a16", "kv_cache": "int8"},
+               engine={"dtype": "float16", "session_len": 8192, "max_batch_size": 32,
+                       "cache_max_entry_count": 0.3, "tp": 2})
+    kw = engine_config_kwargs(r, "lmdeploy-pytorch", INTERNLM2)
+    assert kw == {"dtype": "float16", "session_len": 8192, "max_batch_size": 32, "tp": 2,
+                  "quant_policy": 8, "block_size": 64, "cache_max_entry_count": 0.3}
+
+
+def test_turbomind_engine_config_from_recipe():
+    r = recipe(quantization={"weights": "w4a16", "kv_cache": "int4"})
+    kw = engine_config_kwargs(r, "lmdeploy-turbomind", INTERNLM2)
+    assert kw["model_format"] == "awq"
+    assert kw["quant_policy"] == 4
+    assert kw["cache_block_seq_len"] == 64
+    assert kw["cache_max_entry_count"] == 0.8  # LMDeploy's default when the recipe sets none
+    assert engine_config_kwargs(recipe(), "lmdeploy-turbomind", INTERNLM2)["model_format"] == "hf"
+
+
+def test_absolute_kv_budget_becomes_blocks():
+    r = recipe(engine={"kv_cache_gib": 4})
+    # 4 GiB / (64 tokens x 128 KiB) = 512 blocks for InternLM2 in fp16.
+    assert engine_config_kwargs(r, "lmdeploy-pytorch", INTERNLM2)["num_gpu_blocks"] == 512
+    assert engine_config_kwargs(r, "lmdeploy-turbomind", INTERNLM2)["cache_max_entry_count"] == 512
+    assert kv_blocks_for(4, INTERNLM2, "none", tp=2) == 1024  # each GPU holds half the heads
+
+
+def test_tiny_kv_budget_and_float32_are_refused():
+    with pytest.raises(RecipeError, match="at least 16"):
+        engine_config_kwargs(recipe(engine={"kv_cache_gib": 0.01}), "lmdeploy-pytorch", LLAMA2)
+    with pytest.raises(RecipeError, match="float32"):
+        engine_config_kwargs(recipe(engine={"dtype": "float32"}), "lmdeploy-pytorch", LLAMA2)
+
+
+def test_auto_falls_back_to_transformers_without_lmdeploy_or_gpu(caplog):
+    caplog.set_level("INFO")
+    assert pick_backend(recipe(engine={"backend": "auto"})) == "transformers"
+    assert "engine.backend auto -> transformers" in caplog.text
+
+
+def test_lmdeploy_backend_without_gpu_says_what_to_do(tmp_path):
+    r = recipe(engine={"backend": "lmdeploy-pytorch", "tp": 2})
+    with pytest.raises(RecipeError, match="lmdeploy-pytorch"):
+        load_engine(r, tmp_path)
+
+
+def test_quantized_recipe_on_transformers_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="quantization.kv_cache 'int8'"):
+        load_engine(recipe(engine={"backend": "transformers"}, quantization={"kv_cache": "int8"}),
+                    tmp_path)
+
+
+def test_tp_beyond_visible_gpus_is_refused():
+    from deploy.engines import lmdeploy_problem
+
+    assert "engine.tp is 2 but 1 GPU(s)" in lmdeploy_problem("lmdeploy-pytorch", 2, True, 1)
+    assert "needs an NVIDIA GPU" in lmdeploy_problem("lmdeploy-pytorch", 1, True, 0)
+    assert lmdeploy_problem("lmdeploy-pytorch", 2, True, 2) is None
