@@ -1,10 +1,17 @@
 # Copied from the team notes (shared/device/make_random_llama.py): builds random-weight Llama
 # models on a GPU for speed and memory measurements; random weights give no real text.
 # usage: python mk_model.py tiny|7b OUTDIR TOKDIR
-import sys, os, shutil, time, json, torch
-from transformers import LlamaConfig, LlamaForCausalLM, GenerationConfig
+import os
+import shutil
+import sys
+import time
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
 size, out, tokdir = sys.argv[1], sys.argv[2], sys.argv[3]
-common = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+common = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1,
+              eos_token_id=2,
               pad_token_id=0, tie_word_embeddings=False, initializer_range=0.02, rope_theta=10000.0)
 if size == 'tiny':
     cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
