@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from deploy.engines import load_engine, pick_backend
@@ -61,12 +63,18 @@ def test_tiny_kv_budget_and_float32_are_refused():
         engine_config_kwargs(recipe(engine={"dtype": "float32"}), "lmdeploy-pytorch", LLAMA2)
 
 
+NO_LMDEPLOY = pytest.mark.skipif(importlib.util.find_spec("lmdeploy") is not None,
+                                 reason="checks the CPU fallback; LMDeploy is installed here")
+
+
+@NO_LMDEPLOY
 def test_auto_falls_back_to_transformers_without_lmdeploy_or_gpu(caplog):
     caplog.set_level("INFO")
     assert pick_backend(recipe(engine={"backend": "auto"})) == "transformers"
     assert "engine.backend auto -> transformers" in caplog.text
 
 
+@NO_LMDEPLOY
 def test_lmdeploy_backend_without_gpu_says_what_to_do(tmp_path):
     r = recipe(engine={"backend": "lmdeploy-pytorch", "tp": 2})
     with pytest.raises(RecipeError, match="lmdeploy-pytorch"):

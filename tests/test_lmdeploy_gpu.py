@@ -49,26 +49,33 @@ def test_lmdeploy_streams_batches_and_reports_kv(gpu_recipe):
     from deploy.engines import GenerationParams
 
     prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
-    params = GenerationParams(max_tokens=32)
+    # Each request asks for its own length, so per-request accounting shows through batching.
+    lengths = [8 + 4 * i for i in range(len(prompts))]
 
     async def scenario(assistant):
-        alone = [(await assistant.chat(p, params)).text for p in prompts]
-        together = await asyncio.gather(*(assistant.chat(p, params) for p in prompts))
+        together = await asyncio.gather(*(
+            assistant.chat(p, GenerationParams(max_tokens=n)) for p, n in zip(prompts, lengths, strict=True)))
         stream = assistant.stream(prompts[0], GenerationParams(max_tokens=200))
-        async for _ in stream:
-            break
+        pieces = []
+        async for delta in stream:
+            pieces.append(delta.text)
+            if len(pieces) == 3:
+                break
         await stream.aclose()  # an abandoned stream must not block the next request
-        after = await asyncio.wait_for(assistant.chat(prompts[1], params), 120)
-        return alone, together, after
+        after = await asyncio.wait_for(assistant.chat(prompts[1], GenerationParams(max_tokens=16)), 120)
+        return together, pieces, after
 
     with Assistant.from_recipe(gpu_recipe) as assistant:
         assert assistant.engine.name == "lmdeploy-pytorch"
-        alone, together, after = asyncio.run(scenario(assistant))
+        together, pieces, after = asyncio.run(scenario(assistant))
         memory = assistant.engine.memory()
 
-    assert all(a.completion_tokens > 0 for a in together)
-    assert [a.text for a in together] == alone  # greedy: batching changes nothing
-    assert after.text == alone[1]
+    # Random weights: the text is noise and greedy argmax flips with batch shape, so only the
+    # accounting is compared (a random model rarely emits EOS, so each runs to its own length).
+    assert [a.completion_tokens for a in together] == lengths
+    assert all(a.finish_reason == "length" and a.text for a in together)
+    assert len(pieces) == 3 and all(pieces)
+    assert after.completion_tokens == 16
     assert memory.kv_blocks > 16
     assert memory.kv_capacity_tokens == memory.kv_blocks * memory.kv_block_size
     assert memory.kv_cache_bytes == memory.kv_capacity_tokens * memory.kv_bytes_per_token
