@@ -53,6 +53,18 @@ def build(recipe: Path) -> int:
     return 0
 
 
+def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> int:
+    """Predict from config.json alone whether the recipe fits a GPU, and with what KV budget."""
+    from deploy.model_source import model_config
+    from deploy.planner import plan as make_plan
+    from deploy.planner import render
+
+    loaded = load_recipe(recipe)
+    result = make_plan(loaded, model_config(loaded), gpu, sessions)
+    print(json.dumps(result.as_dict(), indent=2) if as_json else render(loaded, result))
+    return 0 if result.fits else 3
+
+
 def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
     """Serve the recipe (gradio UI + API, API only, or the terminal chat, per serve.mode)."""
     if recipe is None:
@@ -76,7 +88,8 @@ def chat(recipe: Path) -> int:
     return 0
 
 
-VERBS = {"validate": validate, "schema": schema, "build": build, "serve": serve, "chat": chat}
+VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "serve": serve,
+         "chat": chat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +108,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("build", help=build.__doc__, description=build.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE")
+
+    p = verbs.add_parser("plan", help=plan.__doc__, description=plan.__doc__ + " Exit 3 when the "
+                         "weights do not fit.")
+    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    p.add_argument("--gpu", help="T4, A10, A100-40G, A100-80G, H100, H200, or a size like 24GiB "
+                   "(default H100)")
+    p.add_argument("--sessions", type=int, help="full sessions wanted at once (default: "
+                   "engine.max_batch_size)")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",

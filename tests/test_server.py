@@ -50,6 +50,10 @@ def test_health_and_memory_schema(api_server):
     assert memory["engine"]["kv_bytes_per_token"] > 0
     assert memory["settings"]["engine"]["session_len"] == 4096
     assert memory["settings"]["quantization"] == {"weights": "none", "kv_cache": "none"}
+    # The planner's prediction sits beside the measurement: weights within 0.1%.
+    predicted = memory["prediction"]["weight_bytes"]
+    assert abs(predicted - memory["engine"]["weight_bytes"]) / predicted < 0.001
+    assert memory["prediction"]["kv_bytes_per_token"] == memory["engine"]["kv_bytes_per_token"]
 
 
 @pytest.mark.parametrize("body,param", [

@@ -70,6 +70,7 @@ class Engine(ABC):
 
     name: str  # e.g. "transformers", "lmdeploy-pytorch"
     session_len: int
+    model_config: dict  # the model's config.json, for the memory prediction
 
     @abstractmethod
     def stream_chat(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[Delta]:

@@ -57,6 +57,7 @@ class TransformersEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         self.model.to(self.device).eval()
         self.session_len = min(session_len, _max_positions(self.model.config) or session_len)
+        self.model_config = self.model.config.to_dict()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._eos = set(eos_ids(model_dir, self.tokenizer))
         pad = self.tokenizer.pad_token_id
