@@ -11,8 +11,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from deploy.builder import built_model_dir
 from deploy.engines import Delta, Engine, GenerationParams, Message, load_engine
-from deploy.model_source import model_dir
 from deploy.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Assistant:
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe)
         started = time.perf_counter()
-        folder = model_dir(recipe)
+        folder = built_model_dir(recipe)
         log.info("model ready at %s (%.1fs)", folder, time.perf_counter() - started)
         started = time.perf_counter()
         engine = load_engine(recipe, folder)

@@ -45,11 +45,13 @@ def schema(out: Path | None) -> int:
     return 0
 
 
-def build(recipe: Path) -> int:
-    """Prepare what the recipe needs before serving (fetch or convert the model)."""
-    from deploy.model_source import model_dir
+def build(recipe: Path, dry_run: bool) -> int:
+    """Build the recipe's model: fetch, quantize, verify (quality gate), publish. Reruns skip
+    finished steps; a killed build resumes."""
+    from deploy.builder import build as run_build
 
-    print(f"model ready: {model_dir(load_recipe(recipe))}")
+    result = run_build(load_recipe(recipe), publish_dry_run=dry_run)
+    print(f"model ready: {result.model_dir}")
     return 0
 
 
@@ -106,8 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("schema", help=schema.__doc__, description=schema.__doc__)
     p.add_argument("--out", type=Path, help="write to this file instead of stdout")
 
-    p = verbs.add_parser("build", help=build.__doc__, description=build.__doc__)
+    p = verbs.add_parser("build", help=build.__doc__.split(".")[0], description=build.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what the publish step would upload, and upload nothing")
 
     p = verbs.add_parser("plan", help=plan.__doc__, description=plan.__doc__ + " Exit 3 when the "
                          "weights do not fit.")
@@ -149,5 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, ModelSourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # Failures a user can act on carry a message that says how; anything else is a bug.
+        from deploy.builder import QualityGateError
+        from deploy.publish import PublishError
+
+        if isinstance(exc, QualityGateError | PublishError | OSError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 4 if isinstance(exc, QualityGateError) else 5 if isinstance(exc, PublishError) else 1
+        raise
     except KeyboardInterrupt:
         return 130

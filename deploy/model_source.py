@@ -155,6 +155,7 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a served model is shared
         os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
     except OSError:
         if not (target / "config.json").is_file():  # another process may have won the race

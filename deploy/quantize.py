@@ -1,8 +1,13 @@
-"""W4A16 AWQ quantization with LMDeploy, fed LOCAL calibration text: no hub, no patched files.
+"""W4A16 weight quantization: AWQ with LMDeploy on a GPU, HQQ 4-bit for the transformers engine.
 
-LMDeploy's `lite auto_awq` accepts only hub dataset names and loads them through `datasets`. Its
-Python API looks the loader up as a module attribute at call time, so the kit swaps in a loader
-that reads the recipe's calibration file for the duration of the call, then restores it.
+AWQ: LMDeploy's `lite auto_awq` accepts only hub dataset names and loads them through `datasets`.
+Its Python API looks the loader up as a module attribute at call time, so the kit swaps in a loader
+that reads the recipe's calibration file for the duration of the call, then restores it: no hub,
+no patched files.
+
+HQQ (CPU, or the transformers engine anywhere): data-free 4-bit weights with a bf16 scale and zero
+per group, from the maintained `hqq` library. It is NOT AWQ: no calibration, and on CPU it saves
+memory, not time (measured: docs/builder.md).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from deploy.recipe import Recipe
+from deploy.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,42 @@ def awq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
             )
         for leftover in ("inputs_stats.pth", "outputs_stats.pth"):  # calibration intermediates
             (work / leftover).unlink(missing_ok=True)
+        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a served model is shared
+        os.replace(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+HQQ_MARKER = "qmodel.pt"  # the file hqq's save_quantized writes; its presence marks an HQQ folder
+
+
+def hqq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
+    """HQQ 4-bit (W4A16) for the transformers engine, written atomically into `out_dir`."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    group = recipe.quantization.group_size
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.bfloat16)
+    hidden = model.config.hidden_size
+    if hidden % group:
+        raise RecipeError(
+            f"quantization.group_size {group} does not divide the model's hidden size {hidden}: "
+            f"use a divisor such as {next(g for g in (128, 64, 32, 16) if hidden % g == 0)}."
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=4, group_size=group),
+                                      compute_dtype=torch.bfloat16, device="cpu")
+        AutoHQQHFModel.save_quantized(model, str(work))
+        AutoTokenizer.from_pretrained(source_dir).save_pretrained(work)
+        for extra in ("generation_config.json", "chat_template.jinja"):
+            if (source_dir / extra).is_file() and not (work / extra).is_file():
+                shutil.copy(source_dir / extra, work / extra)
+        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a served model is shared
         os.replace(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -78,11 +78,24 @@ class Model(_Section):
         return self
 
 
+class Verify(_Section):
+    """The builder's quality gate: the quantized model against the original on the same prompts."""
+
+    tasks: str | None = Field(None, description="JSONL task file; default: the kit's sample set.")
+    prompts: int = Field(8, gt=0, description="How many task prompts to compare on.")
+    answer_tokens: int = Field(32, gt=0, description="Greedy answer length compared per prompt.")
+    min_top1_agreement: float = Field(
+        0.9, ge=0, le=1, description="Least share of positions where both pick the same next token."
+    )
+    max_mean_kl: float = Field(0.1, ge=0, description="Largest mean KL(original || quantized), nats.")
+
+
 class Quantization(_Section):
     weights: Literal["none", "w4a16"] = Field("none", description="Weight quantization.")
     group_size: int = Field(128, gt=0, description="Quantization group size for w4a16.")
     calibration: Calibration = Field(default_factory=Calibration)
     kv_cache: Literal["none", "int8", "int4"] = Field("none", description="KV-cache quantization.")
+    verify: Verify = Field(default_factory=Verify)
 
 
 class Engine(_Section):
@@ -241,9 +254,10 @@ def _check_files(recipe: Recipe, path: Path) -> None:
     template = recipe.model.chat_template
     if template and not _is_inline_template(template) and not recipe.resolve(template).is_file():
         problems.append(f"  model.chat_template: file {template!r} not found")
-    calib = recipe.quantization.calibration.file
-    if calib and not recipe.resolve(calib).is_file():
-        problems.append(f"  quantization.calibration.file: file {calib!r} not found")
+    for field_path, value in (("quantization.calibration.file", recipe.quantization.calibration.file),
+                              ("quantization.verify.tasks", recipe.quantization.verify.tasks)):
+        if value and not recipe.resolve(value).is_file():
+            problems.append(f"  {field_path}: file {value!r} not found")
     if recipe.model.source == "local" and not recipe.resolve(recipe.model.path).is_dir():
         problems.append(f"  model.path: folder {recipe.model.path!r} not found")
     if problems:

@@ -63,7 +63,7 @@ def visible_gpus() -> int:
 def load_engine(recipe: Recipe, model_dir: Path) -> Engine:
     backend = pick_backend(recipe)
     if backend == "transformers":
-        _refuse_unsupported_on_transformers(recipe)
+        _refuse_unsupported_on_transformers(recipe, model_dir)
         from deploy.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(
@@ -99,7 +99,7 @@ def lmdeploy_problem(backend: str, tp: int, installed: bool, gpus: int) -> str |
     return None
 
 
-def _refuse_unsupported_on_transformers(recipe: Recipe) -> None:
+def _refuse_unsupported_on_transformers(recipe: Recipe, model_dir: Path) -> None:
     q = recipe.quantization
     if q.kv_cache != "none":
         raise RecipeError(
@@ -107,9 +107,10 @@ def _refuse_unsupported_on_transformers(recipe: Recipe) -> None:
             "engine runs an unquantized KV cache. Set quantization.kv_cache: none, or use an "
             "lmdeploy backend on a GPU."
         )
-    if q.weights != "none":
+    from deploy.quantize import HQQ_MARKER
+
+    if q.weights != "none" and not (Path(model_dir) / HQQ_MARKER).is_file():
         raise RecipeError(
-            "quantization.weights 'w4a16' is served by LMDeploy on a GPU; the transformers engine "
-            "serves unquantized weights. Set quantization.weights: none, or use an lmdeploy "
-            "backend on a GPU."
+            f"quantization.weights 'w4a16' needs quantized weights, and {model_dir} holds none: run "
+            "`python -m deploy build RECIPE` first (make deploy does)."
         )

@@ -84,6 +84,11 @@ class Engine(ABC):
     def memory(self) -> EngineMemory:
         """The engine's own view of its memory."""
 
+    async def prompt_logits(self, token_ids: list[list[int]]) -> list:
+        """Next-token logits (a float tensor [len, vocab]) at every position of each sequence, for
+        quality comparisons between settings (the builder's gate, the benchmark)."""
+        raise NotImplementedError(f"{self.name} cannot return logits")
+
     def close(self) -> None:  # noqa: B027 - optional for engines holding nothing to free
         """Free the model; the engine is unusable afterwards."""
 

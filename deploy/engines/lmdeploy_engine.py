@@ -156,6 +156,10 @@ class LMDeployEngine(Engine):
         finally:
             await outputs.aclose()  # cancels the request inside LMDeploy if still running
 
+    async def prompt_logits(self, token_ids: list[list[int]]) -> list:
+        self._bind_loop()
+        return [t.float().cpu() for t in await self._engine.async_get_logits(token_ids)]
+
     def memory(self) -> EngineMemory:
         cfg = self._engine.backend_config
         blocks = getattr(cfg, "num_gpu_blocks", 0) or None

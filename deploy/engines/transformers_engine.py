@@ -28,6 +28,7 @@ from deploy.engines.base import (
     StopMatcher,
 )
 from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
+from deploy.quantize import HQQ_MARKER
 from deploy.sizing import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,17 @@ class TransformersEngine(Engine):
             torch.float16 if self.device.startswith("cuda") else torch.bfloat16
         )
         self.tokenizer = load_tokenizer(model_dir, chat_template)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.hqq = (Path(model_dir) / HQQ_MARKER).is_file()
+        if self.hqq:  # 4-bit weights made by the builder (deploy/quantize.py)
+            from hqq.models.hf.base import AutoHQQHFModel
+
+            self.model = AutoHQQHFModel.from_quantized(str(model_dir), device=self.device,
+                                                       compute_dtype=self.dtype)
+            self._weight_file = Path(model_dir) / HQQ_MARKER
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+            self.model.to(self.device)
+        self.model.eval()
         self.session_len = min(session_len, _max_positions(self.model.config) or session_len)
         self.model_config = self.model.config.to_dict()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -105,9 +115,20 @@ class TransformersEngine(Engine):
             cancel.set()  # stops generate at its next token if the client went away
             await asyncio.shield(job)
 
+    async def prompt_logits(self, token_ids: list[list[int]]) -> list:
+        loop = asyncio.get_running_loop()
+        return [await loop.run_in_executor(self._worker, self._logits, ids) for ids in token_ids]
+
+    def _logits(self, ids: list[int]):
+        with torch.inference_mode():
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+
     def memory(self) -> EngineMemory:
-        weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
-        weights += sum(t.numel() * t.element_size() for t in self.model.buffers())
+        if self.hqq:  # hqq keeps packed weights and their scales outside parameters and buffers
+            weights = self._weight_file.stat().st_size
+        else:
+            weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
+            weights += sum(t.numel() * t.element_size() for t in self.model.buffers())
         return EngineMemory(
             device=self.device,
             weight_bytes=weights,

@@ -1,0 +1,256 @@
+"""The builder: recipe -> fetch -> quantize -> verify -> publish, resumable and atomic.
+
+Each recipe has a work dir (`$XLAB_DEPLOY_HOME/builds/NAME`) with a manifest.json recording every
+finished step's inputs, outputs, file fingerprints and time. A step's output is written to a hidden
+temporary folder and renamed into place when complete, and the manifest is rewritten (atomically)
+only after that, so a build killed at any point leaves finished steps intact and no half-written
+output; a rerun skips every step whose inputs are unchanged and whose outputs are still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from deploy.model_source import cache_home, model_dir
+from deploy.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+FULL_HASH_LIMIT = 64 * 2**20  # files above this get a fast fingerprint: size + head + tail
+
+
+class QualityGateError(RuntimeError):
+    """The quantized model is further from the original than the recipe allows."""
+
+
+@dataclass
+class BuildResult:
+    model_dir: Path
+    manifest: dict
+
+
+def work_dir(recipe: Recipe) -> Path:
+    return cache_home() / "builds" / recipe.name
+
+
+def manifest_path(recipe: Recipe) -> Path:
+    return work_dir(recipe) / "manifest.json"
+
+
+def read_manifest(recipe: Recipe) -> dict:
+    path = manifest_path(recipe)
+    return json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.name, "steps": {}}
+
+
+def built_model_dir(recipe: Recipe) -> Path:
+    """The folder to serve: the quantized one for a quantized recipe, else the fetched one."""
+    if recipe.quantization.weights == "none":
+        return model_dir(recipe)
+    step = read_manifest(recipe)["steps"].get("quantize")
+    if not step or not Path(step["outputs"]["model_dir"]).is_dir():
+        raise RecipeError(
+            f"{recipe.name} quantizes its weights and has not been built: run "
+            "`python -m deploy build RECIPE` first (make deploy does)."
+        )
+    return Path(step["outputs"]["model_dir"])
+
+
+def build(recipe: Recipe, *, publish_dry_run: bool = False) -> BuildResult:
+    work = work_dir(recipe)
+    work.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(work)
+    manifest = read_manifest(recipe)
+    steps = [("fetch", _fetch), ("quantize", _quantize), ("verify", _verify), ("publish", _publish)]
+    outputs: dict = {}
+    for number, (name, step) in enumerate(steps, 1):
+        inputs = _step_inputs(name, recipe, outputs)
+        done = manifest["steps"].get(name)
+        rehearse = name == "publish" and publish_dry_run  # a dry run always shows its list
+        if done and done["inputs"] == inputs and _outputs_exist(done["outputs"]) and not rehearse:
+            console.print(f"[{number}/{len(steps)}] {name}: done earlier, skipped")
+            outputs[name] = done["outputs"]
+            continue
+        started = time.perf_counter()
+        with console.status(f"[{number}/{len(steps)}] {name} ..."):
+            result = step(recipe, work, outputs, publish_dry_run=publish_dry_run)
+        seconds = time.perf_counter() - started
+        outputs[name] = result
+        if result.get("skipped"):
+            console.print(f"[{number}/{len(steps)}] {name}: {result['skipped']}")
+        else:
+            console.print(f"[{number}/{len(steps)}] {name}: done in {seconds:.1f}s")
+        if name == "publish" and publish_dry_run:
+            continue  # a dry run changes nothing, the manifest included
+        manifest["steps"][name] = {
+            "inputs": inputs,
+            "outputs": result,
+            "fingerprints": _fingerprints(result.get("model_dir")),
+            "seconds": round(seconds, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_json(manifest_path(recipe), manifest)
+    final = outputs["quantize"].get("model_dir") or outputs["fetch"]["model_dir"]
+    return BuildResult(Path(final), manifest)
+
+
+def _step_inputs(name: str, recipe: Recipe, outputs: dict) -> dict:
+    """What a step depends on; a change reruns it and every step after it."""
+    model = recipe.model.model_dump(exclude={"system_prompt", "chat_template"})
+    quant = recipe.quantization.model_dump(exclude={"kv_cache", "verify"})
+    if name == "fetch":
+        return {"model": model}
+    if name == "quantize":
+        return {"fetched": outputs["fetch"], "quantization": quant, "backend": _quant_backend(recipe)}
+    if name == "verify":
+        return {"quantized": outputs["quantize"], "verify": recipe.quantization.verify.model_dump()}
+    return {"verified": outputs["verify"], "publish": recipe.publish.model_dump()}
+
+
+def _fetch(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
+    return {"model_dir": str(model_dir(recipe))}
+
+
+def _quant_backend(recipe: Recipe) -> str | None:
+    """AWQ for LMDeploy on a GPU; HQQ for the transformers engine (CPU or GPU)."""
+    if recipe.quantization.weights == "none":
+        return None
+    from deploy.engines import pick_backend
+
+    return "awq" if pick_backend(recipe).startswith("lmdeploy") else "hqq"
+
+
+def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
+    method = _quant_backend(recipe)
+    if method is None:
+        return {"skipped": "quantization.weights is none"}
+    source = Path(outputs["fetch"]["model_dir"])
+    if _already_quantized(source):
+        return {"model_dir": str(source), "method": "prequantized"}
+    target = work / f"quantized-{method}"
+    shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
+    from deploy.quantize import awq_quantize, hqq_quantize
+
+    (awq_quantize if method == "awq" else hqq_quantize)(recipe, source, target)
+    return {"model_dir": str(target), "method": method}
+
+
+def _already_quantized(folder: Path) -> bool:
+    """Weights published already quantized (by this kit or LMDeploy) are served as they are."""
+    from deploy.quantize import HQQ_MARKER
+
+    config = json.loads((folder / "config.json").read_text())
+    return (folder / HQQ_MARKER).is_file() or "quantization_config" in config
+
+
+def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
+    if outputs["quantize"].get("method") in (None, "prequantized"):
+        return {"skipped": "nothing was quantized here, so there is no original to compare with"}
+    from deploy.engines import load_engine
+    from deploy.engines.transformers_engine import TransformersEngine
+    from deploy.recipe import chat_template_text
+    from deploy.tasks import load_tasks
+    from deploy.verify import compare
+
+    gate = recipe.quantization.verify
+    tasks = load_tasks(recipe.resolve(gate.tasks) if gate.tasks else None, gate.prompts)
+    reference = TransformersEngine(Path(outputs["fetch"]["model_dir"]),
+                                   chat_template=chat_template_text(recipe))
+    candidate = load_engine(recipe, Path(outputs["quantize"]["model_dir"]))
+    try:
+        with _progress(len(tasks), "verify") as advance:
+            result = asyncio.run(compare(reference, candidate, reference.tokenizer, tasks,
+                                         gate.answer_tokens, advance))
+    finally:
+        candidate.close()
+        reference.close()
+    report = {**result.as_dict(), "min_top1_agreement": gate.min_top1_agreement,
+              "max_mean_kl": gate.max_mean_kl}
+    _write_json(work / "verify.json", report)
+    if result.top1_agreement < gate.min_top1_agreement or result.mean_kl > gate.max_mean_kl:
+        raise QualityGateError(
+            f"The quantized model failed the quality gate: top-1 agreement "
+            f"{result.top1_agreement:.3f} (at least {gate.min_top1_agreement} needed), mean KL "
+            f"{result.mean_kl:.4f} (at most {gate.max_mean_kl} allowed) over {result.positions} "
+            f"positions. See {work / 'verify.json'} for the answers side by side. Try a smaller "
+            "quantization.group_size, or relax quantization.verify if the answers look right."
+        )
+    return {"top1_agreement": result.top1_agreement, "mean_kl": result.mean_kl,
+            "positions": result.positions, "report": str(work / "verify.json")}
+
+
+def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool) -> dict:
+    if recipe.publish.hub == "none":
+        return {"skipped": "publish.hub is none"}
+    from deploy.publish import publish
+
+    folder = Path(outputs["quantize"].get("model_dir") or outputs["fetch"]["model_dir"])
+    return publish(recipe, folder, outputs.get("verify", {}), dry_run=publish_dry_run)
+
+
+class _progress:
+    """A progress bar for a step with a known number of items."""
+
+    def __init__(self, total: int, label: str):
+        from rich.progress import Progress
+
+        self.bar = Progress(console=console, transient=True)
+        self.total, self.label = total, label
+
+    def __enter__(self) -> Callable[[], None]:
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+def _outputs_exist(outputs: dict) -> bool:
+    folder = outputs.get("model_dir")
+    return folder is None or (Path(folder) / "config.json").is_file()
+
+
+def _fingerprints(folder: str | None) -> dict:
+    if not folder:
+        return {}
+    return {f.name: _fingerprint(f) for f in sorted(Path(folder).iterdir()) if f.is_file()}
+
+
+def _fingerprint(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            digest.update(f.read())
+            return f"sha256:{digest.hexdigest()}"
+        # Multi-GB weights: hashing them in full on every build costs minutes.
+        digest.update(f.read(2**20))
+        f.seek(-(2**20), os.SEEK_END)
+        digest.update(f.read())
+    return f"sha256-head-tail:{digest.hexdigest()}:{size}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _remove_leftovers(work: Path) -> None:
+    """Temporary outputs of a killed build: never complete, always safe to delete."""
+    for leftover in work.glob(".*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()

@@ -1,0 +1,194 @@
+"""The builder on the real bundled model: quantize (HQQ 4-bit on CPU), gate, resume, serve, publish.
+
+Publishing is driven against stand-ins, never a real hub: a local HTTP server that answers the
+Hugging Face upload API (tests/fake_hub.py, reached through HF_ENDPOINT), and a local bare git
+repository with git-lfs for OpenXLab's git push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import LiveServer, in_ci
+
+from deploy.builder import build, read_manifest, work_dir
+from deploy.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_recipe(tmp_path: Path, name: str, **overrides) -> Path:
+    data = yaml.safe_load((ROOT / "recipes" / "smollm2-cpu-w4.yaml").read_text())
+    data["name"] = name
+    data["quantization"]["verify"] = {"prompts": 2, "answer_tokens": 16,
+                                      **overrides.pop("verify", {})}
+    data.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    shutil.rmtree(work_dir(load_recipe(path)), ignore_errors=True)  # each test starts clean
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = write_recipe(tmp_path_factory.mktemp("recipes"), "test-build-w4")
+    recipe = load_recipe(path)
+    return recipe, build(recipe)
+
+
+def test_build_records_every_step_and_passes_the_gate(built):
+    recipe, result = built
+    steps = result.manifest["steps"]
+    assert list(steps) == ["fetch", "quantize", "verify", "publish"]
+    assert steps["quantize"]["outputs"]["method"] == "hqq"
+    assert steps["quantize"]["fingerprints"]["qmodel.pt"].startswith("sha256")
+    assert all(step["seconds"] >= 0 for step in steps.values())
+    verify = steps["verify"]["outputs"]
+    assert verify["top1_agreement"] >= 0.9 and verify["mean_kl"] <= 0.1
+    report = json.loads(Path(verify["report"]).read_text())
+    assert len(report["answers"]) == 2 and all(a["quantized"] for a in report["answers"])
+    assert result.model_dir == Path(steps["quantize"]["outputs"]["model_dir"])
+
+
+def test_built_model_serves_with_4bit_weights(built, assistant):
+    from deploy.assistant import Assistant
+    from deploy.engines import GenerationParams
+
+    recipe, _ = built
+    with Assistant.from_recipe(recipe) as quantized:
+        answer = asyncio.run(quantized.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                            GenerationParams(max_tokens=16)))
+        weights = quantized.engine.memory().weight_bytes
+    assert "Paris" in answer.text
+    assert weights < 0.5 * assistant.engine.memory().weight_bytes  # 4-bit vs bf16
+
+
+def test_rerun_skips_finished_steps(built, capsys):
+    recipe, first = built
+    again = build(recipe)
+    assert again.manifest["steps"]["quantize"]["finished_at"] == \
+        first.manifest["steps"]["quantize"]["finished_at"]
+    assert capsys.readouterr().err.count("done earlier, skipped") == 4
+
+
+def test_killed_build_resumes_without_half_written_output(tmp_path):
+    path = write_recipe(tmp_path, "test-build-killed")
+    recipe = load_recipe(path)
+    proc = subprocess.Popen([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # kill it once quantizing has begun
+        if "fetch:" in line:
+            time.sleep(1.5)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    work = work_dir(recipe)
+    assert list(read_manifest(recipe)["steps"]) == ["fetch"]
+    assert not (work / "quantized-hqq").exists()
+    rerun = subprocess.run([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "[1/4] fetch: done earlier, skipped" in rerun.stderr
+    assert "[2/4] quantize: done in" in rerun.stderr
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]  # leftovers removed
+    assert (work / "quantized-hqq" / "qmodel.pt").is_file()
+
+
+def test_failed_gate_exits_4_and_says_why(tmp_path):
+    path = write_recipe(tmp_path, "test-build-gate", verify={"prompts": 1, "max_mean_kl": 0.0})
+    run = subprocess.run([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 4
+    assert "failed the quality gate" in run.stderr and "mean KL" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert "verify" not in read_manifest(load_recipe(path))["steps"]  # a rerun checks again
+
+
+def published_recipe(tmp_path, hub: str, repo: str):
+    path = write_recipe(tmp_path, f"test-publish-{hub}",
+                        publish={"hub": hub, "repo": repo, "private": True, "token_env": "TEST_HUB_TOKEN"})
+    return load_recipe(path)
+
+
+def test_publish_dry_run_lists_and_uploads_nothing(built, tmp_path, capsys):
+    recipe, result = built
+    recipe = recipe.model_copy(deep=True)
+    recipe.publish.repo = "me/never-uploaded"
+    recipe.publish.hub = "huggingface"
+    outcome = build(recipe, publish_dry_run=True)
+    err = capsys.readouterr().err
+    assert "dry run: would publish to huggingface:me/never-uploaded (private)" in err
+    assert "qmodel.pt" in err and "README.md" in err
+    assert "publish" not in outcome.manifest["steps"] or \
+        "dry_run" not in outcome.manifest["steps"]["publish"]["outputs"]
+
+
+def test_publish_to_hugging_face_through_a_local_stand_in(built, tmp_path, monkeypatch):
+    from fake_hub import create_fake_hub
+
+    from deploy.publish import publish
+
+    recipe, result = built
+    token = "hf_" + "t0ken" * 8
+    hub = create_fake_hub()
+    with LiveServer(hub) as live:
+        monkeypatch.setenv("HF_ENDPOINT", live.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setenv("TEST_HUB_TOKEN", token)
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", live.url)
+        target = published_recipe(tmp_path, "huggingface", "me/smollm2-w4")
+        verify = result.manifest["steps"]["verify"]["outputs"]
+        outcome = publish(target, result.model_dir, verify)
+    repo = hub.state.repos["me/smollm2-w4"]
+    expected = {p.name for p in result.model_dir.iterdir()} | {"README.md"}
+    assert set(repo["files"]) == expected
+    assert repo["files"]["qmodel.pt"] == (result.model_dir / "qmodel.pt").read_bytes()
+    assert repo["private"] is True
+    assert all(auth == f"Bearer {token}" for auth in repo["auth"])
+    card = repo["files"]["README.md"].decode()
+    assert "W4A16, group size 32" in card and f"{verify['top1_agreement']:.3f}" in card
+    assert token not in card and token not in json.dumps(outcome)
+    assert token not in manifest_text(target)
+
+
+def manifest_text(recipe) -> str:
+    path = work_dir(recipe) / "manifest.json"
+    return path.read_text() if path.exists() else ""
+
+
+def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, monkeypatch):
+    if not shutil.which("git-lfs"):
+        if in_ci():
+            pytest.fail("git-lfs is missing in CI: .ci/run must install it")
+        pytest.skip("git-lfs is not installed (apt-get install git-lfs)")
+    from deploy.publish import publish
+
+    recipe, result = built
+    remote_root = tmp_path / "remotes"
+    bare = remote_root / "me" / "smollm2-w4.git"
+    bare.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    monkeypatch.setenv("XLAB_OPENXLAB_GIT", f"file://{remote_root}")
+    monkeypatch.setenv("TEST_HUB_TOKEN", "openxlab-secret-token")
+    target = published_recipe(tmp_path, "openxlab", "me/smollm2-w4")
+    publish(target, result.model_dir, result.manifest["steps"]["verify"]["outputs"])
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "-b", "main", str(bare), str(clone)], check=True,
+                   env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "0"})
+    assert (clone / "README.md").read_text().startswith("---")
+    assert (clone / "qmodel.pt").read_bytes() == (result.model_dir / "qmodel.pt").read_bytes()
+    tracked = subprocess.run(["git", "lfs", "ls-files", "-n"], cwd=clone, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert "qmodel.pt" in tracked  # the weights travelled as LFS objects
