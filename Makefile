@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: help install deploy build serve test lint chromium clean
+.PHONY: help install deploy build bench test lint chromium clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -44,6 +44,12 @@ build: install  ## validate RECIPE and prepare its model
 
 deploy: build  ## install, validate, prepare and serve RECIPE (PORT=... to override)
 	$(PY) -m deploy serve $(RECIPE) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
+
+# CPU: the bundled model, transformers bf16 against HQQ 4-bit. On a GPU machine pass a GPU recipe.
+BENCH_RECIPE ?= recipes/smollm2-cpu-w4.yaml
+BENCH_OUT ?= docs/bench/cpu
+bench: $(VENV)/.test-installed  ## benchmark BENCH_RECIPE's settings into BENCH_OUT/report.md
+	$(PY) -m deploy bench $(BENCH_RECIPE) --out $(BENCH_OUT) $(if $(SETTINGS),--settings $(SETTINGS))
 
 test: $(VENV)/.test-installed chromium  ## run the test suite
 	$(PY) -m pytest -q

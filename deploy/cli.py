@@ -67,6 +67,16 @@ def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> 
     return 0 if result.fits else 3
 
 
+def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, profile: str | None,
+          force: bool) -> int:
+    """Benchmark a matrix of settings (memory, speed, serving latency, quality) into one report."""
+    from deploy.bench import run_bench
+
+    report = run_bench(recipe, tasks, settings.split(",") if settings else None, out, profile, force)
+    print(f"report: {report}")
+    return 0
+
+
 def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
     """Serve the recipe (gradio UI + API, API only, or the terminal chat, per serve.mode)."""
     if recipe is None:
@@ -90,8 +100,8 @@ def chat(recipe: Path) -> int:
     return 0
 
 
-VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "serve": serve,
-         "chat": chat}
+VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "bench": bench,
+         "serve": serve, "chat": chat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +131,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, help="full sessions wanted at once (default: "
                    "engine.max_batch_size)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+
+    p = verbs.add_parser("bench", help=bench.__doc__, description=bench.__doc__ + " Default "
+                         "settings: on a GPU lmdeploy-fp16, lmdeploy-w4a16, lmdeploy-kv8, "
+                         "lmdeploy-w4a16-kv8, transformers-fp16; on a CPU transformers-bf16, "
+                         "transformers-w4a16. Each runs in a fresh process; a rerun keeps finished ones.")
+    p.add_argument("recipe", type=Path, metavar="RECIPE", help="the model and engine settings to vary")
+    p.add_argument("--tasks", type=Path, help="JSONL task file: prompt, optional reference and system "
+                   "(default: the kit's sample set, English and Chinese)")
+    p.add_argument("--settings", help="comma-separated settings (also lmdeploy-kv4, lmdeploy-w4a16-kv4)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
+    p.add_argument("--profile", choices=["gpu", "cpu", "smoke"], help="how much to measure "
+                   "(default: gpu or cpu by machine; smoke is a quick check)")
+    p.add_argument("--force", action="store_true", help="re-measure settings already measured")
 
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.builder import QualityGateError
         from deploy.publish import PublishError
 
-        if isinstance(exc, QualityGateError | PublishError | OSError):
+        if isinstance(exc, QualityGateError | PublishError | OSError | RuntimeError):
             print(f"error: {exc}", file=sys.stderr)
             return 4 if isinstance(exc, QualityGateError) else 5 if isinstance(exc, PublishError) else 1
         raise

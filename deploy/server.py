@@ -65,6 +65,9 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     api_key = _api_key(recipe)
 
     async def lifespan(app: FastAPI):
+        # The serving loop, for in-process callers (the benchmark) that must reach an engine bound
+        # to it (LMDeploy's is) from another thread.
+        app.state.loop = asyncio.get_running_loop()
         loader = None
         if state.assistant is None:
             loader = asyncio.create_task(_load(recipe, state))

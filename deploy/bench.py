@@ -1,0 +1,148 @@
+"""The benchmark: a matrix of settings, each measured in a fresh process, in one report.
+
+Default on a GPU: LMDeploy fp16, W4A16, KV int8, W4A16 + KV int8, and transformers fp16. On a CPU:
+transformers bf16 and transformers W4A16 (HQQ 4-bit). Each setting's result is written whole to
+OUT/SETTING.json, so a rerun resumes where a killed benchmark stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from deploy.recipe import Recipe, load_recipe, parse_recipe
+
+console = Console(stderr=True)
+
+SETTINGS = {
+    # label: (engine family, weights, kv cache)
+    "lmdeploy-fp16": ("lmdeploy", "none", "none"),
+    "lmdeploy-w4a16": ("lmdeploy", "w4a16", "none"),
+    "lmdeploy-kv8": ("lmdeploy", "none", "int8"),
+    "lmdeploy-kv4": ("lmdeploy", "none", "int4"),
+    "lmdeploy-w4a16-kv8": ("lmdeploy", "w4a16", "int8"),
+    "lmdeploy-w4a16-kv4": ("lmdeploy", "w4a16", "int4"),
+    "transformers-fp16": ("transformers", "none", "none"),
+    "transformers-bf16": ("transformers", "none", "none"),
+    "transformers-w4a16": ("transformers", "w4a16", "none"),
+}
+GPU_DEFAULT = ["lmdeploy-fp16", "lmdeploy-w4a16", "lmdeploy-kv8", "lmdeploy-w4a16-kv8",
+               "transformers-fp16"]
+CPU_DEFAULT = ["transformers-bf16", "transformers-w4a16"]
+
+PROFILES = {
+    "gpu": {"decode_tokens": 128, "offline_prompts": 32, "offline_tokens": 64,
+            "concurrency": [1, 8, 32, 64], "min_requests": 4, "serve_tokens": 64,
+            "quality_prompts": 16, "quality_tokens": 32},
+    "cpu": {"decode_tokens": 64, "offline_prompts": 4, "offline_tokens": 32,
+            "concurrency": [1, 2, 4], "min_requests": 4, "serve_tokens": 32,
+            "quality_prompts": 8, "quality_tokens": 24},
+    "smoke": {"decode_tokens": 12, "offline_prompts": 2, "offline_tokens": 8,
+              "concurrency": [1, 2], "min_requests": 2, "serve_tokens": 8,
+              "quality_prompts": 3, "quality_tokens": 8},
+}
+FIXED_CACHE_RATIO = 0.2  # one stated KV setting for every LMDeploy row, so memory compares
+
+
+def has_gpu() -> bool:
+    if importlib.util.find_spec("lmdeploy") is None:
+        return False
+    from deploy.engines import visible_gpus
+
+    return visible_gpus() > 0
+
+
+def setting_recipe(base: Recipe, label: str) -> Recipe:
+    """The base recipe with this setting's engine, weights and KV cache."""
+    family, weights, kv = SETTINGS[label]
+    data = base.model_dump(exclude={"publish"})
+    engine = data["engine"]
+    if family == "lmdeploy":
+        if not str(engine["backend"]).startswith("lmdeploy"):
+            engine["backend"] = "auto"
+        if engine.get("kv_cache_gib") is None:
+            engine["cache_max_entry_count"] = engine.get("cache_max_entry_count") or FIXED_CACHE_RATIO
+    else:
+        engine.update(backend="transformers", cache_max_entry_count=None, kv_cache_gib=None)
+        engine["dtype"] = "float16" if label.endswith("fp16") else "auto"
+    data["quantization"].update(weights=weights, kv_cache=kv)
+    # Settings with the same weights share one build (the KV cache is chosen at serving time).
+    data["name"] = f"{base.name}-{family}-{weights}"
+    data["serve"]["mode"] = "api"
+    recipe = parse_recipe(data)
+    recipe._base_dir = base._base_dir
+    return recipe
+
+
+def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None, out: Path,
+              profile: str | None = None, force: bool = False) -> Path:
+    from deploy.bench_report import write_report
+    from deploy.tasks import default_tasks_file, load_tasks
+
+    base = load_recipe(recipe_path)
+    tasks = tasks or default_tasks_file()
+    load_tasks(tasks)  # a bad task file fails now, not in every worker
+    gpu = has_gpu()
+    settings = settings or (GPU_DEFAULT if gpu else CPU_DEFAULT)
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        from deploy.recipe import RecipeError
+
+        raise RecipeError(f"Unknown setting(s) {unknown}; choose from: {', '.join(SETTINGS)}.")
+    if not gpu and any(SETTINGS[s][0] == "lmdeploy" for s in settings):
+        from deploy.recipe import RecipeError
+
+        raise RecipeError("LMDeploy settings need LMDeploy and an NVIDIA GPU; on this machine run "
+                          f"the transformers ones: {', '.join(CPU_DEFAULT)}.")
+    profile = profile or ("gpu" if gpu else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipes").mkdir(exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    reference = out / ".reference-logits.pt"
+    for number, label in enumerate(settings, 1):
+        result_path = out / f"{label}.json"
+        if result_path.is_file() and not force:
+            console.print(f"[{number}/{len(settings)}] {label}: measured earlier, kept")
+            continue
+        recipe = setting_recipe(base, label)
+        recipe_file = out / "recipes" / f"{label}.yaml"
+        recipe_file.write_text(yaml.safe_dump(_portable(recipe), allow_unicode=True))
+        first = number == 1
+        if first and reference.exists():
+            reference.unlink()  # the reference is the first setting's: re-measured with it
+        spec = {"label": label, "recipe": str(recipe_file), "tasks": str(tasks), "out": str(result_path),
+                "profile": PROFILES[profile], "reference": None if first else str(reference),
+                "save_reference": str(reference) if first else None}
+        spec_file = out / "logs" / f"{label}.spec.json"
+        spec_file.write_text(json.dumps(spec, indent=2))
+        started = time.perf_counter()
+        with console.status(f"[{number}/{len(settings)}] {label}: measuring in a fresh process ..."), \
+                (out / "logs" / f"{label}.log").open("w") as log:
+            code = subprocess.call([sys.executable, "-m", "deploy.bench_worker", str(spec_file)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        if code:
+            tail = (out / "logs" / f"{label}.log").read_text()[-2000:]
+            raise RuntimeError(f"The {label} setting failed (exit {code}); its log ends:\n{tail}")
+        console.print(f"[{number}/{len(settings)}] {label}: done in {time.perf_counter() - started:.0f}s")
+    return write_report(out, settings, base, profile)
+
+
+def _portable(recipe: Recipe) -> dict:
+    """The setting's recipe as YAML, with relative paths made absolute (it lives elsewhere)."""
+    data = recipe.model_dump(exclude={"publish"})
+    if data["model"]["path"]:
+        data["model"]["path"] = str(recipe.resolve(data["model"]["path"]))
+    for section, key in (("calibration", "file"), ("verify", "tasks")):
+        value = data["quantization"][section][key]
+        if value:
+            data["quantization"][section][key] = str(recipe.resolve(value))
+    if data["model"]["chat_template"] and "{" not in data["model"]["chat_template"]:
+        data["model"]["chat_template"] = str(recipe.resolve(data["model"]["chat_template"]))
+    return data

@@ -1,0 +1,184 @@
+"""One benchmark setting, measured in a fresh process: `python -m deploy.bench_worker SPEC.json`.
+
+Loads the setting's assistant, serves it on loopback with the kit's own server, and measures:
+start time, batch-1 decode, offline throughput, serving at each concurrency through the OpenAI API,
+memory (/memory's report, with the planner's prediction), and quality against the reference
+setting's logits on the task prompts. Engine-direct work runs on the server's event loop, because
+an LMDeploy engine is bound to the loop that first uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from deploy.assistant import Assistant
+from deploy.builder import build
+from deploy.engines import GenerationParams
+from deploy.load_test import run_load
+from deploy.memory import memory_report
+from deploy.recipe import load_recipe
+from deploy.scoring import score
+from deploy.server import create_app
+from deploy.tasks import load_tasks
+
+
+class _Server:
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.app = app
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the benchmark's server did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.app.state.loop).result()
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+async def _decode(assistant: Assistant, prompt: str, tokens: int) -> dict:
+    params = GenerationParams(max_tokens=tokens)
+    start = time.perf_counter()
+    first = last = None
+    async for delta in assistant.stream([{"role": "user", "content": prompt}], params):
+        if first is None and delta.text:
+            first = time.perf_counter()
+        last = delta
+    end = time.perf_counter()
+    first = first or end
+    return {"ttft_ms": (first - start) * 1000, "tokens": last.completion_tokens,
+            "decode_tok_per_s": (last.completion_tokens - 1) / (end - first) if end > first else None}
+
+
+async def _offline(assistant: Assistant, prompts: list[str], tokens: int) -> dict:
+    params = GenerationParams(max_tokens=tokens)
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(assistant.chat([{"role": "user", "content": p}], params)
+                                     for p in prompts))
+    seconds = time.perf_counter() - start
+    produced = sum(a.completion_tokens for a in answers)
+    return {"prompts": len(prompts), "tokens": produced, "seconds": seconds,
+            "tok_per_s": produced / seconds}
+
+
+async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | None) -> tuple[dict, dict]:
+    """This setting's answers and scores, and its logits against the reference setting's."""
+    import torch
+
+    from deploy.engines.chat_format import encode_chat
+
+    engine = assistant.engine
+    params = GenerationParams(max_tokens=tokens)
+    answers, scores, rows = [], [], []
+    agree = positions = 0
+    kl = 0.0
+    for i, task in enumerate(tasks):
+        messages = assistant.messages(task.messages())
+        answer = await assistant.chat(task.messages(), params)
+        answers.append(answer.text)
+        if task.reference:
+            scores.append(score(answer.text, task.reference))
+        if reference is None:  # this is the reference: record its sequence and distributions
+            prompt = encode_chat(engine.tokenizer, messages)
+            ids = prompt + (engine.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+                            or [engine.tokenizer.eos_token_id])
+            logits = (await engine.prompt_logits([ids]))[0]
+            rows.append({"ids": ids, "start": len(prompt) - 1,
+                         "logprobs": torch.log_softmax(logits[len(prompt) - 1:len(ids) - 1], -1).half()})
+            continue
+        row = reference["rows"][i]
+        logits = (await engine.prompt_logits([row["ids"]]))[0]
+        q = torch.log_softmax(logits[row["start"]:len(row["ids"]) - 1].float(), -1)
+        p = row["logprobs"].float()
+        vocab = min(p.shape[-1], q.shape[-1])
+        p, q = p[:, :vocab], q[:, :vocab]
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        kl += float((p.exp() * (p - q)).sum())
+        positions += p.shape[0]
+    quality = {
+        "prompts": len(tasks),
+        "top1_agreement": agree / positions if positions else (1.0 if reference is None else None),
+        "mean_kl": kl / positions if positions else (0.0 if reference is None else None),
+        "scored": len(scores),
+        **{k: sum(s[k] for s in scores) / len(scores) for k in ("exact", "contains", "rouge_l")
+           if scores},
+        "answers": [{"prompt": t.prompt, "answer": a} for t, a in zip(tasks, answers, strict=True)],
+    }
+    return quality, {"rows": rows}
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    profile = spec["profile"]
+    recipe = load_recipe(spec["recipe"])
+    result: dict = {"setting": spec["label"], "recipe": recipe.name,
+                    "weights": recipe.quantization.weights, "kv_cache": recipe.quantization.kv_cache}
+    started = time.perf_counter()
+    if recipe.quantization.weights != "none":
+        build(recipe, gate=False)
+    result["build_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    assistant = Assistant.from_recipe(recipe)
+    result["load_s"] = time.perf_counter() - started
+    result["engine"] = assistant.engine.name
+    tasks = load_tasks(Path(spec["tasks"]), profile["quality_prompts"])
+    prompts = [t.prompt for t in load_tasks(Path(spec["tasks"]))]
+    try:
+        with _Server(create_app(recipe, assistant, ui=False)) as server:
+            started = time.perf_counter()
+            server.run(assistant.chat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=4)))
+            result["first_request_s"] = time.perf_counter() - started
+            result["start_to_first_token_s"] = result["load_s"] + result["first_request_s"]
+            result["decode"] = server.run(_decode(assistant, prompts[0], profile["decode_tokens"]))
+            offline = [prompts[i % len(prompts)] for i in range(profile["offline_prompts"])]
+            result["offline"] = server.run(_offline(assistant, offline, profile["offline_tokens"]))
+            result["memory"] = memory_report(assistant.engine, recipe)
+            if torch.cuda.is_available():
+                result["memory"]["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            result["serving"] = [
+                asyncio.run(run_load(server.url + "/v1", recipe.name, prompts, c,
+                                     max(c, profile["min_requests"]), profile["serve_tokens"])).as_dict()
+                for c in profile["concurrency"]
+            ]
+            reference = None
+            if spec.get("reference") and Path(spec["reference"]).is_file():
+                reference = torch.load(spec["reference"])
+            quality, ours = server.run(_quality(assistant, tasks, profile["quality_tokens"], reference))
+            result["quality"] = quality
+            if spec.get("save_reference"):
+                torch.save(ours, spec["save_reference"])
+    finally:
+        assistant.close()
+    return result
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    result = measure(spec)
+    out = Path(spec["out"])
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    tmp.replace(out)  # a setting's result appears whole or not at all: resume relies on it
+
+
+if __name__ == "__main__":  # LMDeploy's start-up check spawns processes that re-import this
+    main()
