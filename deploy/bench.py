@@ -96,7 +96,8 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
         from deploy.recipe import RecipeError
 
         raise RecipeError(f"Unknown setting(s) {unknown}; choose from: {', '.join(SETTINGS)}.")
-    if not gpu and any(SETTINGS[s][0] == "lmdeploy" for s in settings):
+    missing = [s for s in settings if not (out / f"{s}.json").is_file()]
+    if not gpu and any(SETTINGS[s][0] == "lmdeploy" for s in missing):
         from deploy.recipe import RecipeError
 
         raise RecipeError("LMDeploy settings need LMDeploy and an NVIDIA GPU; on this machine run "

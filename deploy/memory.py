@@ -73,7 +73,8 @@ def _prediction(engine: Engine, recipe: Recipe, gpus: list[dict]) -> dict:
     """What `deploy plan` predicts for this GPU, to read beside the measured numbers."""
     from deploy.planner import plan
 
-    if not gpus:
+    if not gpus or not engine.name.startswith("lmdeploy"):
+        # Without a pre-allocated KV cache (transformers) only weights and KV per token apply.
         from deploy.sizing import kv_bytes_per_token, weight_bytes
 
         q, config = recipe.quantization, engine.model_config

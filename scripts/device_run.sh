@@ -3,6 +3,7 @@
 #   bash scripts/device_run.sh setup                 # wheels + random-weight models (tiny, 7b)
 #   bash scripts/device_run.sh gputest               # pytest -m gpu against the tiny model
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
+#   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model
 # Needs .device/whl (scripts from ../shared/device/fetch-lmdeploy-wheels.sh plus pytest, psutil)
 # and .device/tok32k carried with the call. Results go to $OUT (default ./out).
 set -euo pipefail
@@ -23,5 +24,12 @@ case "${1:-setup}" in
              tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py ;;
   lmdeploy) python3 scripts/gpu_lmdeploy.py --model "$(model 7b)" --out "$OUT/gpu" \
              --settings "${2:-fp16,kv8,kv4,awq}" ;;
+  bench) model 7b >/dev/null
+         status=0
+         python3 -m deploy bench scripts/device/llama7b-random.yaml --out /tmp/bench-gpu \
+           --settings "${2:-lmdeploy-fp16}" || status=$?
+         cp /tmp/bench-gpu/*.json "$OUT"/ 2>/dev/null || true
+         [ $status = 0 ] || tail -c 3000 /tmp/bench-gpu/logs/*.log
+         exit $status ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
