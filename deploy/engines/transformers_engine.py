@@ -187,7 +187,8 @@ class _Cancelled(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)  # generate combines it with GPU tensors
 
 
 class _QueueStreamer(BaseStreamer):
