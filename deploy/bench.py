@@ -82,10 +82,16 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
 
 
 def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None, out: Path,
-              profile: str | None = None, force: bool = False) -> Path:
+              profile: str | None = None, force: bool = False, report_only: bool = False) -> Path:
     from deploy.bench_report import write_report
     from deploy.tasks import default_tasks_file, load_tasks
 
+    if report_only:  # e.g. results measured on a GPU machine, reported here
+        base = load_recipe(recipe_path, check_files=False)
+        settings = settings or [p.stem for p in sorted(out.glob("*.json")) if p.stem in SETTINGS]
+        results = [json.loads((out / f"{s}.json").read_text()) for s in settings]
+        profile = profile or ("gpu" if results[0]["memory"]["gpus"] else "cpu")
+        return write_report(out, settings, base, profile)
     base = load_recipe(recipe_path)
     tasks = tasks or default_tasks_file()
     load_tasks(tasks)  # a bad task file fails now, not in every worker

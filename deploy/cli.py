@@ -68,11 +68,12 @@ def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> 
 
 
 def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, profile: str | None,
-          force: bool) -> int:
+          force: bool, report_only: bool) -> int:
     """Benchmark a matrix of settings (memory, speed, serving latency, quality) into one report."""
     from deploy.bench import run_bench
 
-    report = run_bench(recipe, tasks, settings.split(",") if settings else None, out, profile, force)
+    report = run_bench(recipe, tasks, settings.split(",") if settings else None, out, profile, force,
+                       report_only)
     print(f"report: {report}")
     return 0
 
@@ -144,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["gpu", "cpu", "smoke"], help="how much to measure "
                    "(default: gpu or cpu by machine; smoke is a quick check)")
     p.add_argument("--force", action="store_true", help="re-measure settings already measured")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the report from OUT's results (e.g. copied from a GPU machine)")
 
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",

@@ -197,8 +197,9 @@ def _check_env_name(value: str | None) -> str | None:
     return value
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, validate and check one recipe file; raise RecipeError with a helpful message."""
+def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
+    """Read, validate and check one recipe file; raise RecipeError with a helpful message.
+    `check_files=False` skips the existence checks, for reports about runs made elsewhere."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -212,10 +213,10 @@ def load_recipe(path: str | Path) -> Recipe:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise RecipeError(f"{path}: not valid YAML{line}. Fix the syntax and try again.")
-    return parse_recipe(data if data is not None else {}, path)
+    return parse_recipe(data if data is not None else {}, path, check_files)
 
 
-def parse_recipe(data: Any, path: Path = Path("<recipe>")) -> Recipe:
+def parse_recipe(data: Any, path: Path = Path("<recipe>"), check_files: bool = True) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (model:, engine:, ...).")
     secrets = list(_find_secrets(data, ()))
@@ -233,7 +234,8 @@ def parse_recipe(data: Any, path: Path = Path("<recipe>")) -> Recipe:
         raise RecipeError(f"{path}: {len(lines)} problem(s):\n" + "\n".join(lines))
     if path.name != "<recipe>":
         recipe._base_dir = path.parent.resolve()
-    _check_files(recipe, path)
+    if check_files:
+        _check_files(recipe, path)
     return recipe
 
 
