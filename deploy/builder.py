@@ -56,16 +56,21 @@ def read_manifest(recipe: Recipe) -> dict:
 
 
 def built_model_dir(recipe: Recipe) -> Path:
-    """The folder to serve: the quantized one for a quantized recipe, else the fetched one."""
+    """The folder to serve: the quantized one for a quantized recipe, else the fetched one.
+    Weights published already quantized are served as fetched, with no build needed."""
     if recipe.quantization.weights == "none":
         return model_dir(recipe)
     step = read_manifest(recipe)["steps"].get("quantize")
-    if not step or not Path(step["outputs"]["model_dir"]).is_dir():
-        raise RecipeError(
-            f"{recipe.name} quantizes its weights and has not been built: run "
-            "`python -m deploy build RECIPE` first (make deploy does)."
-        )
-    return Path(step["outputs"]["model_dir"])
+    if step and Path(step["outputs"]["model_dir"]).is_dir():
+        return Path(step["outputs"]["model_dir"])
+    if recipe.model.source != "bundled":
+        fetched = model_dir(recipe)
+        if _already_quantized(fetched):
+            return fetched
+    raise RecipeError(
+        f"{recipe.name} quantizes its weights and has not been built: run "
+        "`python -m deploy build RECIPE` first (make deploy does)."
+    )
 
 
 def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -> BuildResult:

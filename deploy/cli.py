@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from deploy.model_source import ModelSourceError
 from deploy.recipe import RecipeError, json_schema, load_recipe
 
@@ -78,6 +80,40 @@ def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, pro
     return 0
 
 
+def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int) -> int:
+    """Container images from the recipe: write the build context, build it, run it, or write a
+    compose file for several replicas behind LMDeploy's proxy."""
+    from deploy import image as images
+    from deploy.builder import built_model_dir
+
+    loaded = load_recipe(recipe)
+    folder = built_model_dir(loaded) if images.needs_weights(loaded) and action != "compose" else None
+    out = out or Path("build") / "docker" / loaded.name
+    if action == "compose":
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "docker-compose.yml"
+        path.write_text(yaml.safe_dump(images.compose_file(loaded, replicas), sort_keys=False))
+        print(f"wrote {path}: MODEL_DIR=... docker compose -f {path} up")
+        return 0
+    if action in ("context", "build"):
+        images.build_context(loaded, out, folder)
+        print(f"build context: {out}")
+        if action == "build":
+            print(f"built {images.build_image(loaded, out)}")
+        return 0
+    images.run_container(loaded, folder, port)
+    return 0
+
+
+def app(recipe: Path, out: Path) -> int:
+    """Write the OpenXLab app bundle for the recipe: app.py, requirements.txt, packages.txt,
+    README.md with OpenXLab's front matter, recipe.yaml and the kit."""
+    from deploy.app_bundle import write_bundle
+
+    print(f"app bundle: {write_bundle(load_recipe(recipe), out)}; run it with `python app.py` there")
+    return 0
+
+
 def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
     """Serve the recipe (gradio UI + API, API only, or the terminal chat, per serve.mode)."""
     if recipe is None:
@@ -102,7 +138,7 @@ def chat(recipe: Path) -> int:
 
 
 VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "bench": bench,
-         "serve": serve, "chat": chat}
+         "image": image, "app": app, "serve": serve, "chat": chat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +184,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the report from OUT's results (e.g. copied from a GPU machine)")
 
+    p = verbs.add_parser("image", help=image.__doc__.split(":")[0], description=image.__doc__)
+    p.add_argument("action", choices=["context", "build", "run", "compose"])
+    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    p.add_argument("--out", type=Path, help="where to write the context or compose file "
+                   "(default build/docker/NAME)")
+    p.add_argument("--port", type=int, help="host port for `run` (default serve.port)")
+    p.add_argument("--replicas", type=int, default=2, help="API replicas for `compose`")
+
+    p = verbs.add_parser("app", help=app.__doc__.split(":")[0], description=app.__doc__)
+    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (replaced if present)")
+
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",
                    default=os.environ.get("XLAB_DEPLOY_RECIPE"),
@@ -182,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Failures a user can act on carry a message that says how; anything else is a bug.
         from deploy.builder import QualityGateError
+        from deploy.image import ImageError
         from deploy.publish import PublishError
 
-        if isinstance(exc, QualityGateError | PublishError | OSError | RuntimeError):
+        if isinstance(exc, QualityGateError | PublishError | ImageError | OSError | RuntimeError):
             print(f"error: {exc}", file=sys.stderr)
             return 4 if isinstance(exc, QualityGateError) else 5 if isinstance(exc, PublishError) else 1
         raise

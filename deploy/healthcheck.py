@@ -1,0 +1,13 @@
+"""`python -m deploy.healthcheck`: exit 0 when the local server reports ready, for HEALTHCHECK."""
+
+import os
+import sys
+import urllib.request
+
+if __name__ == "__main__":
+    port = os.environ.get("XLAB_DEPLOY_PORT", "7860")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=4) as reply:
+            sys.exit(0 if reply.status == 200 else 1)
+    except OSError:  # starting (503), refused, or timed out
+        sys.exit(1)
