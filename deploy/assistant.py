@@ -1,14 +1,21 @@
-"""An assistant: a recipe's engine plus the recipe's conversation settings.
+"""An assistant: a recipe's engine plus the recipe's conversation settings. The kit's Python API.
 
-The server, the Gradio UI and the terminal chat all talk to this, so the system prompt and the
-default answer length are applied in one place, whatever engine runs underneath.
+The server, the Gradio UI, the terminal chat and the benchmark all talk to this (its async
+methods), so the system prompt and the default answer length are applied in one place, whatever
+engine runs underneath. Scripts use the sync methods:
+
+    with Assistant.from_recipe("recipes/smollm2-cpu.yaml") as bot:
+        print(bot.chat("Who are you?"))
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from deploy.builder import built_model_dir
@@ -22,6 +29,7 @@ class Assistant:
     def __init__(self, recipe: Recipe, engine: Engine):
         self.recipe = recipe
         self.engine = engine
+        self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_recipe(cls, recipe: Recipe | str | Path) -> Assistant:
@@ -54,20 +62,84 @@ class Assistant:
             return [{"role": "system", "content": system}, *messages]
         return list(messages)
 
-    def stream(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[Delta]:
-        return self.engine.stream_chat(self.messages(messages), params)
+    # -- async: the server, the UI and the benchmark use these ---------------------------------
 
-    async def chat(self, messages: list[Message], params: GenerationParams) -> Delta:
-        return await self.engine.chat(self.messages(messages), params)
+    def astream(self, messages: list[Message], params: GenerationParams | None = None,
+                **overrides) -> AsyncIterator[Delta]:
+        """Stream the answer to OpenAI-style `messages` as Deltas; the last holds the counts."""
+        return self.engine.stream_chat(self.messages(messages), params or self.params(**overrides))
+
+    async def achat(self, messages: list[Message], params: GenerationParams | None = None,
+                    **overrides) -> Delta:
+        """The whole answer to `messages`, with its finish reason and token counts."""
+        return await self.engine.chat(self.messages(messages), params or self.params(**overrides))
+
+    # -- sync: for scripts and notebooks -------------------------------------------------------
+
+    def chat(self, conversation: str | list[Message], **overrides) -> str:
+        """The answer to a prompt or to OpenAI-style messages, e.g. chat("Hi", max_tokens=64)."""
+        return self._run(self.achat(_as_messages(conversation), **overrides)).text
+
+    def chat_many(self, conversations: list[str | list[Message]], **overrides) -> list[str]:
+        """Several answers in one call, sent together so that a batching engine batches them."""
+
+        async def together():
+            return await asyncio.gather(*(self.achat(_as_messages(c), **overrides)
+                                          for c in conversations))
+
+        return [answer.text for answer in self._run(together())]
+
+    def stream(self, conversation: str | list[Message], **overrides) -> Iterator[str]:
+        """The answer piece by piece, as the engine produces it."""
+        pieces: queue.Queue = queue.Queue()
+
+        async def produce():
+            try:
+                async for delta in self.astream(_as_messages(conversation), **overrides):
+                    if delta.text:
+                        pieces.put(delta.text)
+            finally:
+                pieces.put(None)
+
+        future = asyncio.run_coroutine_threadsafe(produce(), self._loop())
+        while (piece := pieces.get()) is not None:
+            yield piece
+        future.result()  # re-raise what went wrong, if anything did
+
+    def memory(self) -> dict:
+        """The same report as GET /memory."""
+        from deploy.memory import memory_report
+
+        return memory_report(self.engine, self.recipe)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # One event loop for all sync calls, on a thread of its own: engines that bind to the loop
+        # that first uses them (LMDeploy's does) keep working across calls.
+        if self._sync_loop is None:
+            self._sync_loop = asyncio.new_event_loop()
+            threading.Thread(target=self._sync_loop.run_forever, daemon=True,
+                             name="assistant-loop").start()
+        return self._sync_loop
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop()).result()
 
     def count_tokens(self, messages: list[Message]) -> int:
         return self.engine.count_tokens(self.messages(messages))
 
     def close(self) -> None:
         self.engine.close()
+        if self._sync_loop is not None:
+            self._sync_loop.call_soon_threadsafe(self._sync_loop.stop)
+            self._sync_loop = None
 
     def __enter__(self) -> Assistant:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _as_messages(conversation: str | list[Message]) -> list[Message]:
+    return [{"role": "user", "content": conversation}] if isinstance(conversation, str) \
+        else conversation

@@ -58,7 +58,7 @@ async def _decode(assistant: Assistant, prompt: str, tokens: int) -> dict:
     params = GenerationParams(max_tokens=tokens)
     start = time.perf_counter()
     first = last = None
-    async for delta in assistant.stream([{"role": "user", "content": prompt}], params):
+    async for delta in assistant.astream([{"role": "user", "content": prompt}], params):
         if first is None and delta.text:
             first = time.perf_counter()
         last = delta
@@ -71,7 +71,7 @@ async def _decode(assistant: Assistant, prompt: str, tokens: int) -> dict:
 async def _offline(assistant: Assistant, prompts: list[str], tokens: int) -> dict:
     params = GenerationParams(max_tokens=tokens)
     start = time.perf_counter()
-    answers = await asyncio.gather(*(assistant.chat([{"role": "user", "content": p}], params)
+    answers = await asyncio.gather(*(assistant.achat([{"role": "user", "content": p}], params)
                                      for p in prompts))
     seconds = time.perf_counter() - start
     produced = sum(a.completion_tokens for a in answers)
@@ -92,7 +92,7 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
     kl = 0.0
     for i, task in enumerate(tasks):
         messages = assistant.messages(task.messages())
-        answer = await assistant.chat(task.messages(), params)
+        answer = await assistant.achat(task.messages(), params)
         answers.append(answer.text)
         if task.reference:
             scores.append(score(answer.text, task.reference))
@@ -145,7 +145,7 @@ def measure(spec: dict) -> dict:
     try:
         with _Server(create_app(recipe, assistant, ui=False)) as server:
             started = time.perf_counter()
-            server.run(assistant.chat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=4)))
+            server.run(assistant.achat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=4)))
             result["first_request_s"] = time.perf_counter() - started
             result["start_to_first_token_s"] = result["load_s"] + result["first_request_s"]
             # The first pass at a new batch shape pays one-time costs (LMDeploy captures CUDA

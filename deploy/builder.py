@@ -58,17 +58,19 @@ def read_manifest(recipe: Recipe) -> dict:
 def built_model_dir(recipe: Recipe) -> Path:
     """The folder to serve: the quantized one for a quantized recipe, else the fetched one.
     Weights published already quantized are served as fetched, with no build needed."""
-    if recipe.quantization.weights == "none":
+    steps = read_manifest(recipe)["steps"]
+    if recipe.quantization.weights == "none" and not recipe.model.adapter:
         return model_dir(recipe)
-    step = read_manifest(recipe)["steps"].get("quantize")
-    if step and Path(step["outputs"]["model_dir"]).is_dir():
-        return Path(step["outputs"]["model_dir"])
+    for name in ("quantize", "merge"):  # the last step that produced a model
+        folder = steps.get(name, {}).get("outputs", {}).get("model_dir")
+        if folder and Path(folder).is_dir():
+            return Path(folder)
     if recipe.model.source != "bundled":
         fetched = model_dir(recipe)
         if _already_quantized(fetched):
             return fetched
     raise RecipeError(
-        f"{recipe.name} quantizes its weights and has not been built: run "
+        f"{recipe.name} merges an adapter or quantizes its weights and has not been built: run "
         "`python -m deploy build RECIPE` first (make deploy does)."
     )
 
@@ -80,7 +82,8 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
     work.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(work)
     manifest = read_manifest(recipe)
-    steps = [("fetch", _fetch), ("quantize", _quantize), ("verify", _verify), ("publish", _publish)]
+    steps = [("fetch", _fetch), ("merge", _merge), ("quantize", _quantize), ("verify", _verify),
+             ("publish", _publish)]
     outputs: dict = {}
     for number, (name, step) in enumerate(steps, 1):
         inputs = _step_inputs(name, recipe, outputs)
@@ -112,8 +115,13 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _write_json(manifest_path(recipe), manifest)
-    final = outputs["quantize"].get("model_dir") or outputs["fetch"]["model_dir"]
+    final = outputs["quantize"].get("model_dir") or _source(outputs)
     return BuildResult(Path(final), manifest)
+
+
+def _source(outputs: dict) -> str:
+    """The unquantized model: the fetched one, or the base with the adapter merged in."""
+    return outputs["merge"].get("model_dir") or outputs["fetch"]["model_dir"]
 
 
 def _step_inputs(name: str, recipe: Recipe, outputs: dict) -> dict:
@@ -122,8 +130,13 @@ def _step_inputs(name: str, recipe: Recipe, outputs: dict) -> dict:
     quant = recipe.quantization.model_dump(exclude={"kv_cache", "verify"})
     if name == "fetch":
         return {"model": model}
+    if name == "merge":
+        adapter = recipe.model.adapter
+        local = adapter and recipe.resolve(adapter).is_dir()
+        return {"fetched": outputs["fetch"], "adapter": adapter,
+                "fingerprints": _fingerprints(str(recipe.resolve(adapter))) if local else {}}
     if name == "quantize":
-        return {"fetched": outputs["fetch"], "quantization": quant, "backend": _quant_backend(recipe)}
+        return {"source": _source(outputs), "quantization": quant, "backend": _quant_backend(recipe)}
     if name == "verify":
         return {"quantized": outputs["quantize"], "verify": recipe.quantization.verify.model_dump()}
     return {"verified": outputs["verify"], "publish": recipe.publish.model_dump()}
@@ -131,6 +144,17 @@ def _step_inputs(name: str, recipe: Recipe, outputs: dict) -> dict:
 
 def _fetch(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     return {"model_dir": str(model_dir(recipe))}
+
+
+def _merge(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
+    if not recipe.model.adapter:
+        return {"skipped": "model.adapter is not set"}
+    from deploy.merge import merge_adapter
+
+    target = work / "merged"
+    shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
+    merge_adapter(recipe, Path(outputs["fetch"]["model_dir"]), target)
+    return {"model_dir": str(target), "adapter": recipe.model.adapter}
 
 
 def _quant_backend(recipe: Recipe) -> str | None:
@@ -146,7 +170,7 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     method = _quant_backend(recipe)
     if method is None:
         return {"skipped": "quantization.weights is none"}
-    source = Path(outputs["fetch"]["model_dir"])
+    source = Path(_source(outputs))
     if _already_quantized(source):
         return {"model_dir": str(source), "method": "prequantized"}
     target = work / f"quantized-{method}"
@@ -176,7 +200,7 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
 
     gate = recipe.quantization.verify
     tasks = load_tasks(recipe.resolve(gate.tasks) if gate.tasks else None, gate.prompts)
-    reference = TransformersEngine(Path(outputs["fetch"]["model_dir"]),
+    reference = TransformersEngine(Path(_source(outputs)),
                                    chat_template=chat_template_text(recipe))
     candidate = load_engine(recipe, Path(outputs["quantize"]["model_dir"]))
     try:
@@ -206,7 +230,7 @@ def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool
         return {"skipped": "publish.hub is none"}
     from deploy.publish import publish
 
-    folder = Path(outputs["quantize"].get("model_dir") or outputs["fetch"]["model_dir"])
+    folder = Path(outputs["quantize"].get("model_dir") or _source(outputs))
     return publish(recipe, folder, outputs.get("verify", {}), dry_run=publish_dry_run)
 
 

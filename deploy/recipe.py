@@ -68,6 +68,10 @@ class Model(_Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model (InternLM2 needs it)."
     )
+    adapter: str | None = Field(
+        None, description="A PEFT LoRA adapter (local folder or Hugging Face id), merged into the "
+        "base model by the builder before quantization."
+    )
 
     @model_validator(mode="after")
     def _source_needs(self) -> Model:

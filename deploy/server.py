@@ -143,11 +143,11 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         )
         completion_id = new_completion_id()
         if not body.stream:
-            answer = await current.chat(messages, params)
+            answer = await current.achat(messages, params)
             return completion_body(completion_id, recipe.name, answer)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(current.stream(messages, params), completion_id, recipe.name, include_usage),
+            _sse(current.astream(messages, params), completion_id, recipe.name, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -12,7 +12,7 @@ HELP = "Type a message. /reset starts over, /exit (or Ctrl-D) quits."
 
 async def _answer(assistant: Assistant, history: list[dict], out) -> str:
     pieces = []
-    async for delta in assistant.stream(history, assistant.params()):
+    async for delta in assistant.astream(history, assistant.params()):
         out.write(delta.text)
         out.flush()
         pieces.append(delta.text)

@@ -27,7 +27,7 @@ def build_ui(recipe: Recipe, get_assistant: Callable[[], Assistant]) -> gr.Block
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in history]
         messages.append({"role": "user", "content": _text(message)})
         answer = ""
-        async for delta in assistant.stream(messages, assistant.params()):
+        async for delta in assistant.astream(messages, assistant.params()):
             answer += delta.text
             yield answer
 

@@ -28,7 +28,7 @@ async def measure(assistant: Assistant, prompt: str, tokens: int) -> tuple[float
     start = time.perf_counter()
     first = None
     last = None
-    async for delta in assistant.stream([{"role": "user", "content": prompt}], params):
+    async for delta in assistant.astream([{"role": "user", "content": prompt}], params):
         if first is None and delta.text:
             first = time.perf_counter()
         last = delta

@@ -49,7 +49,7 @@ def built(tmp_path_factory):
 def test_build_records_every_step_and_passes_the_gate(built):
     recipe, result = built
     steps = result.manifest["steps"]
-    assert list(steps) == ["fetch", "quantize", "verify", "publish"]
+    assert list(steps) == ["fetch", "merge", "quantize", "verify", "publish"]
     assert steps["quantize"]["outputs"]["method"] == "hqq"
     assert steps["quantize"]["fingerprints"]["qmodel.pt"].startswith("sha256")
     assert all(step["seconds"] >= 0 for step in steps.values())
@@ -66,7 +66,7 @@ def test_built_model_serves_with_4bit_weights(built, assistant):
 
     recipe, _ = built
     with Assistant.from_recipe(recipe) as quantized:
-        answer = asyncio.run(quantized.chat([{"role": "user", "content": "What is the capital of France?"}],
+        answer = asyncio.run(quantized.achat([{"role": "user", "content": "What is the capital of France?"}],
                                             GenerationParams(max_tokens=16)))
         weights = quantized.engine.memory().weight_bytes
     assert "Paris" in answer.text
@@ -78,7 +78,7 @@ def test_rerun_skips_finished_steps(built, capsys):
     again = build(recipe)
     assert again.manifest["steps"]["quantize"]["finished_at"] == \
         first.manifest["steps"]["quantize"]["finished_at"]
-    assert capsys.readouterr().err.count("done earlier, skipped") == 4
+    assert capsys.readouterr().err.count("done earlier, skipped") == 5
 
 
 def test_killed_build_resumes_without_half_written_output(tmp_path):
@@ -98,8 +98,8 @@ def test_killed_build_resumes_without_half_written_output(tmp_path):
     rerun = subprocess.run([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT,
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert "[1/4] fetch: done earlier, skipped" in rerun.stderr
-    assert "[2/4] quantize: done in" in rerun.stderr
+    assert "[1/5] fetch: done earlier, skipped" in rerun.stderr
+    assert "[3/5] quantize: done in" in rerun.stderr
     assert not [p for p in work.iterdir() if p.name.startswith(".")]  # leftovers removed
     assert (work / "quantized-hqq" / "qmodel.pt").is_file()
 

@@ -17,8 +17,8 @@ def run(coro):
 
 def test_greedy_answer_is_real_and_repeatable(assistant):
     params = GenerationParams(max_tokens=24)
-    first = run(assistant.chat(QUESTION, params))
-    second = run(assistant.chat(QUESTION, params))
+    first = run(assistant.achat(QUESTION, params))
+    second = run(assistant.achat(QUESTION, params))
     assert "Paris" in first.text
     assert first.text == second.text
     assert first.prompt_tokens > 5
@@ -26,7 +26,7 @@ def test_greedy_answer_is_real_and_repeatable(assistant):
 
 
 def test_max_tokens_ends_with_length(assistant):
-    answer = run(assistant.chat([{"role": "user", "content": "Write a long story about a cat."}],
+    answer = run(assistant.achat([{"role": "user", "content": "Write a long story about a cat."}],
                                 GenerationParams(max_tokens=5)))
     assert answer.completion_tokens == 5
     assert answer.finish_reason == "length"
@@ -34,38 +34,38 @@ def test_max_tokens_ends_with_length(assistant):
 
 def test_stop_string_cuts_the_answer(assistant):
     messages = [{"role": "user", "content": "Count from 1 to 10, one number per line."}]
-    full = run(assistant.chat(messages, GenerationParams(max_tokens=40)))
+    full = run(assistant.achat(messages, GenerationParams(max_tokens=40)))
     assert "3" in full.text
-    cut = run(assistant.chat(messages, GenerationParams(max_tokens=40, stop=("3",))))
+    cut = run(assistant.achat(messages, GenerationParams(max_tokens=40, stop=("3",))))
     assert cut.text == full.text[: full.text.index("3")]
     assert cut.finish_reason == "stop"
 
 
 def test_sampling_with_seed_is_reproducible(assistant):
     params = GenerationParams(max_tokens=16, temperature=0.9, seed=7)
-    assert run(assistant.chat(QUESTION, params)).text == run(assistant.chat(QUESTION, params)).text
+    assert run(assistant.achat(QUESTION, params)).text == run(assistant.achat(QUESTION, params)).text
 
 
 def test_concurrent_streams_do_not_mix(assistant):
     prompts = [[{"role": "user", "content": q}] for q in (
         "What is the capital of France?", "Name three colours.", "What is 2 + 2?")]
     params = GenerationParams(max_tokens=20)
-    alone = [run(assistant.chat(p, params)).text for p in prompts]
+    alone = [run(assistant.achat(p, params)).text for p in prompts]
 
     async def together():
-        return await asyncio.gather(*(assistant.chat(p, params) for p in prompts))
+        return await asyncio.gather(*(assistant.achat(p, params) for p in prompts))
 
     assert [a.text for a in run(together())] == alone
 
 
 def test_abandoned_stream_frees_the_engine(assistant):
     async def abandon_then_ask():
-        stream = assistant.stream([{"role": "user", "content": "Tell me a long story."}],
+        stream = assistant.astream([{"role": "user", "content": "Tell me a long story."}],
                                   GenerationParams(max_tokens=200))
         async for _ in stream:
             break
         await stream.aclose()
-        return await asyncio.wait_for(assistant.chat(QUESTION, GenerationParams(max_tokens=8)), 60)
+        return await asyncio.wait_for(assistant.achat(QUESTION, GenerationParams(max_tokens=8)), 60)
 
     assert run(abandon_then_ask()).completion_tokens > 0
 
@@ -73,7 +73,7 @@ def test_abandoned_stream_frees_the_engine(assistant):
 def test_prompt_longer_than_session_is_refused(assistant):
     long = [{"role": "user", "content": "word " * (assistant.engine.session_len + 10)}]
     with pytest.raises(PromptTooLongError, match="session_len"):
-        run(assistant.chat(long, GenerationParams(max_tokens=4)))
+        run(assistant.achat(long, GenerationParams(max_tokens=4)))
 
 
 def test_memory_reports_weights_and_kv_per_token(assistant):

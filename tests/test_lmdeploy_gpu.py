@@ -54,15 +54,16 @@ def test_lmdeploy_streams_batches_and_reports_kv(gpu_recipe):
 
     async def scenario(assistant):
         together = await asyncio.gather(*(
-            assistant.chat(p, GenerationParams(max_tokens=n)) for p, n in zip(prompts, lengths, strict=True)))
-        stream = assistant.stream(prompts[0], GenerationParams(max_tokens=200))
+            assistant.achat(p, GenerationParams(max_tokens=n))
+            for p, n in zip(prompts, lengths, strict=True)))
+        stream = assistant.astream(prompts[0], GenerationParams(max_tokens=200))
         pieces = []
         async for delta in stream:
             pieces.append(delta.text)
             if len(pieces) == 3:
                 break
         await stream.aclose()  # an abandoned stream must not block the next request
-        after = await asyncio.wait_for(assistant.chat(prompts[1], GenerationParams(max_tokens=16)), 120)
+        after = await asyncio.wait_for(assistant.achat(prompts[1], GenerationParams(max_tokens=16)), 120)
         return together, pieces, after
 
     with Assistant.from_recipe(gpu_recipe) as assistant:
