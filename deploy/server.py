@@ -7,6 +7,7 @@ The engine loads in a background thread after the server starts listening, so /h
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -59,8 +60,10 @@ class _State:
                        headers={"Retry-After": "5"})
 
 
-def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool | None = None) -> FastAPI:
-    """The server app. With no `assistant`, the recipe's engine loads in the background on start."""
+def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool | None = None,
+               loading: concurrent.futures.Future | None = None) -> FastAPI:
+    """The server app. With no `assistant`, the recipe's engine loads in the background on start,
+    or comes from `loading`, a load already under way in another thread."""
     state = _State(assistant)
     api_key = _api_key(recipe)
 
@@ -70,7 +73,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         app.state.loop = asyncio.get_running_loop()
         loader = None
         if state.assistant is None:
-            loader = asyncio.create_task(_load(recipe, state))
+            loader = asyncio.create_task(_load(recipe, state, loading))
         yield
         if loader is not None and not loader.done():
             loader.cancel()
@@ -182,12 +185,15 @@ async def _sse(stream: AsyncIterator, completion_id: str, model: str,
     yield SSE_DONE
 
 
-async def _load(recipe: Recipe, state: _State) -> None:
+async def _load(recipe: Recipe, state: _State, loading: concurrent.futures.Future | None) -> None:
     started = time.perf_counter()
     try:
-        state.assistant = await asyncio.to_thread(Assistant.from_recipe, recipe)
-        log.info("ready in %.1fs: %s on %s", time.perf_counter() - started, recipe.name,
-                 state.assistant.engine.name)
+        if loading is not None:
+            state.assistant = await asyncio.wrap_future(loading)
+        else:
+            state.assistant = await asyncio.to_thread(Assistant.from_recipe, recipe)
+        log.info("ready in %.1fs since the server started listening: %s on %s",
+                 time.perf_counter() - started, recipe.name, state.assistant.engine.name)
     except Exception as exc:
         state.error = str(exc)
         log.error("the model failed to load: %s", exc)
@@ -212,6 +218,10 @@ def run(recipe: Recipe, host: str | None = None, port: int | None = None) -> Non
 
     host = host or recipe.serve.host
     port = recipe.serve.port if port is None else port
-    log.info("serving %s on http://%s:%d (mode %s)", recipe.name, host, port, recipe.serve.mode)
-    uvicorn.run(create_app(recipe), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=30)
+    started = time.perf_counter()
+    # Load the model while the server and the UI import (gradio alone takes seconds).
+    loading = concurrent.futures.ThreadPoolExecutor(1, "load").submit(Assistant.from_recipe, recipe)
+    app = create_app(recipe, loading=loading)
+    log.info("server built in %.1fs; serving %s on http://%s:%d (mode %s)",
+             time.perf_counter() - started, recipe.name, host, port, recipe.serve.mode)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)

@@ -101,12 +101,16 @@ class LMDeployEngine(Engine):
         self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
         self.config = lmdeploy_config(recipe, backend, self.model_config)
         log.info("LMDeploy %s config: %s", backend, self.config)
+        checked = _env_check_marker(self.model_config, self.config)
+        _skip_env_check(checked.exists())
         self._engine = AsyncEngine(
             str(self.model_dir),
             backend="turbomind" if backend == "lmdeploy-turbomind" else "pytorch",
             backend_config=self.config,
             trust_remote_code=trust,
         )
+        checked.parent.mkdir(parents=True, exist_ok=True)
+        checked.touch()
         self.session_len = self._engine.session_len
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -206,6 +210,42 @@ class LMDeployEngine(Engine):
                 "This LMDeploy engine is bound to the event loop that first used it; send every "
                 "request from that loop (one server, one asyncio.run)."
             )
+
+
+def _env_check_marker(model_config: dict, engine_config) -> Path:
+    """Where a passed environment check is remembered, keyed by everything the check looks at:
+    LMDeploy, torch, CUDA, transformers and triton versions, the GPUs, the model's config and the
+    engine settings. Any change gives a new key, and the check runs again."""
+    import hashlib
+    import importlib.metadata
+
+    import torch
+
+    from deploy.model_source import cache_home
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    key = json.dumps([version("lmdeploy"), torch.__version__, torch.version.cuda, version("transformers"),
+                      version("triton"), gpus, model_config, repr(engine_config)], sort_keys=True,
+                     default=str)
+    return cache_home() / "lmdeploy-env-checked" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".ok")
+
+
+def _skip_env_check(skip: bool) -> None:
+    """LMDeploy's PyTorch engine checks its environment in a spawned process on every start (about
+    20 s on the H100). Once it has passed for this exact setup, the kit skips it."""
+    try:
+        from lmdeploy.pytorch import envs
+    except ImportError:
+        return
+    if skip:
+        log.info("skipping LMDeploy's environment check: it passed before for this exact setup")
+    envs.enable_check_env = not skip and envs.enable_check_env
 
 
 def _check_weights(recipe: Recipe, config: dict, model_dir: Path) -> None:

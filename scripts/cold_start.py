@@ -1,0 +1,86 @@
+"""Cold start: from `python -m deploy serve RECIPE` to the first streamed token, as a user waits.
+
+Usage: python scripts/cold_start.py RECIPE [--runs N] [--code DIR] [--json OUT]
+--code runs another checkout's kit (e.g. a git worktree of an older commit) for a baseline measured
+in the same session. Prints each run's times to listening, to /health ok and to the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_run(recipe: Path, code: Path, log_path: Path) -> dict:
+    name = yaml.safe_load(recipe.read_text())["name"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe.resolve()),
+                                 "--port", str(port)], cwd=code, stdout=log, stderr=subprocess.STDOUT)
+    listening = None
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(log_path.read_text()[-3000:])
+            try:
+                status = httpx.get(url + "/health", timeout=5).json().get("status")
+                listening = listening or time.perf_counter() - started
+            except (httpx.TransportError, ValueError):
+                status = None
+            if status == "ok":
+                break
+            time.sleep(0.05)
+        ready = time.perf_counter() - started
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as reply:
+            for line in reply.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    break
+        first_token = time.perf_counter() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    return {"listening_s": listening, "ready_s": ready, "first_token_s": first_token}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    runs = []
+    for i in range(args.runs):
+        runs.append(one_run(args.recipe, args.code, Path(f"/tmp/cold-start-{i}.log")))
+        print(json.dumps(runs[-1]), flush=True)
+    summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"median over {len(runs)} runs: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs, "median": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The kit's serving overhead against `lmdeploy serve api_server`, and cold start, on one GPU.
+
+Both servers get the same model and settings (LMDeploy PyTorch engine, cache ratio 0.2,
+session_len 4096, max_batch_size 64) and the same client (deploy/load_test.py, the benchmark's):
+streaming chat completions at concurrency 1 and 64, after a warm-up wave. Then the kit's server is
+started twice more from cold to time start -> first token (the second start skips LMDeploy's
+environment check, which the first recorded as passed).
+
+Usage: python scripts/gpu_overhead.py --model DIR --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cold_start import free_port, one_run  # noqa: E402
+
+from deploy.load_test import run_load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a long essay about the history of the printing press and its effect on Europe."
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+def measure(base_url: str, model: str) -> list[dict]:
+    rows = []
+    for concurrency, requests in ((1, 8), (64, 128)):
+        asyncio.run(run_load(base_url, model, [PROMPT], concurrency, concurrency, 8))  # warm-up
+        result = asyncio.run(run_load(base_url, model, [PROMPT], concurrency, requests, 128))
+        rows.append(result.as_dict())
+    return rows
+
+
+def lmdeploy_server(model: Path, out: Path) -> dict:
+    port = free_port()
+    log = (out / "lmdeploy-api-server.log").open("w")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "lmdeploy", "serve", "api_server", str(model),
+                             "--backend", "pytorch", "--cache-max-entry-count", "0.2",
+                             "--session-len", "4096", "--max-batch-size", "64", "--server-port",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, "/v1/models")
+        ready = time.perf_counter() - started
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        return {"server": "lmdeploy api_server", "ready_s": ready, "load": measure(url + "/v1", name)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+
+def kit_server(recipe: Path, out: Path) -> dict:
+    port = free_port()
+    log = (out / "kit-server.log").open("w")
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port)],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, "/health")
+        ready = time.perf_counter() - started
+        return {"server": "xlab-deploy", "ready_s": ready,
+                "load": measure(url + "/v1", yaml.safe_load(recipe.read_text())["name"])}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe = args.out / "overhead.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "overhead", "model": {"source": "local", "path": str(args.model)},
+        "engine": {"backend": "lmdeploy-pytorch", "dtype": "float16", "session_len": 4096,
+                   "max_batch_size": 64, "cache_max_entry_count": 0.2},
+        "serve": {"mode": "api"}}))
+    results = {"lmdeploy": lmdeploy_server(args.model, args.out)}
+    print(json.dumps(results["lmdeploy"]), flush=True)
+    results["kit"] = kit_server(recipe, args.out)  # first start: runs and records the env check
+    print(json.dumps(results["kit"]), flush=True)
+    results["cold_start"] = [one_run(recipe, ROOT, args.out / f"cold-{i}.log") for i in range(2)]
+    print(json.dumps(results["cold_start"]), flush=True)
+    (args.out / "overhead.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
