@@ -35,7 +35,8 @@ def test_pytorch_engine_config_from_recipe():
                        "cache_max_entry_count": 0.3, "tp": 2})
     kw = engine_config_kwargs(r, "lmdeploy-pytorch", INTERNLM2)
     assert kw == {"dtype": "float16", "session_len": 8192, "max_batch_size": 32, "tp": 2,
-                  "quant_policy": 8, "block_size": 64, "cache_max_entry_count": 0.3}
+                  "quant_policy": 8, "block_size": 64, "enable_mp_engine": True,
+                  "cache_max_entry_count": 0.3}
 
 
 def test_turbomind_engine_config_from_recipe():
