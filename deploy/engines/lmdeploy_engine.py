@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -249,6 +250,8 @@ def _skip_env_check(skip: bool) -> None:
         return
     if skip:
         log.info("skipping LMDeploy's environment check: it passed before for this exact setup")
+        # The attribute covers this process; the variable covers the engine's own process.
+        os.environ["LMDEPLOY_ENABLE_CHECK_ENV"] = "0"
     envs.enable_check_env = not skip and envs.enable_check_env
 
 
