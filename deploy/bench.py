@@ -51,6 +51,10 @@ PROFILES = {
 FIXED_CACHE_RATIO = 0.2  # one stated KV setting for every LMDeploy row, so memory compares
 
 
+class BenchError(RuntimeError):
+    """A setting failed to measure; the message carries the end of its log."""
+
+
 def has_gpu() -> bool:
     if importlib.util.find_spec("lmdeploy") is None:
         return False
@@ -136,7 +140,8 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
                                    stdout=log, stderr=subprocess.STDOUT)
         if code:
             tail = (out / "logs" / f"{label}.log").read_text()[-2000:]
-            raise RuntimeError(f"The {label} setting failed (exit {code}); its log ends:\n{tail}")
+            raise BenchError(f"The {label} setting failed (exit {code}); its log ends:\n{tail}\n"
+                             f"Fix it and rerun: finished settings are kept.")
         console.print(f"[{number}/{len(settings)}] {label}: done in {time.perf_counter() - started:.0f}s")
     return write_report(out, settings, base, profile)
 

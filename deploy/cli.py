@@ -229,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # Failures a user can act on carry a message that says how; anything else is a bug.
+        from deploy.bench import BenchError
         from deploy.builder import QualityGateError
         from deploy.image import ImageError
         from deploy.publish import PublishError
 
-        if isinstance(exc, QualityGateError | PublishError | ImageError | OSError | RuntimeError):
+        if isinstance(exc, QualityGateError | PublishError | ImageError | BenchError | OSError):
             print(f"error: {exc}", file=sys.stderr)
             return 4 if isinstance(exc, QualityGateError) else 5 if isinstance(exc, PublishError) else 1
         raise

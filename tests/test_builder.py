@@ -93,7 +93,7 @@ def test_killed_build_resumes_without_half_written_output(tmp_path):
             break
     proc.wait(timeout=60)
     work = work_dir(recipe)
-    assert list(read_manifest(recipe)["steps"]) == ["fetch"]
+    assert list(read_manifest(recipe)["steps"]) == ["fetch", "merge"]  # merge: nothing to merge
     assert not (work / "quantized-hqq").exists()
     rerun = subprocess.run([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT,
                            capture_output=True, text=True)
