@@ -144,6 +144,11 @@ class Serve(_Section):
     description: str = ""
     examples: list[str] = Field(default_factory=list)
     max_tokens: int = Field(512, gt=0, description="Default answer length when a client sets none.")
+    max_pending: int = Field(
+        256, gt=0, description="Most chat requests in flight (served or waiting); more get HTTP 503 "
+        "with Retry-After."
+    )
+    max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413).")
     api_key_env: str | None = Field(
         None, description="Name of the env var holding the API key that /v1/* and /memory require."
     )
@@ -299,7 +304,8 @@ def chat_template_text(recipe: Recipe) -> str | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
-    field = ".".join(loc) or "(top level)"
+    # A key that is blank or holds control characters is shown quoted, so the path stays readable.
+    field = ".".join(p if p.strip() and p.isprintable() else repr(p) for p in loc) or "(top level)"
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":

@@ -81,6 +81,16 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             state.assistant.close()
 
     app = FastAPI(title=f"xlab-deploy: {recipe.name}", lifespan=lifespan)
+    pending = 0  # chat requests admitted and not finished; bounded by serve.max_pending
+
+    @app.middleware("http")
+    async def _limit_size(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > recipe.serve.max_request_bytes:
+            return JSONResponse(error_body(
+                f"The request body is {size} bytes; this server accepts at most "
+                f"{recipe.serve.max_request_bytes} (serve.max_request_bytes)."), status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -130,8 +140,13 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        nonlocal pending
         check_key(request)
         current = state.ready()
+        if pending >= recipe.serve.max_pending:
+            raise ApiError(503, f"The server is busy: {pending} requests are in flight "
+                           f"(serve.max_pending). Retry shortly.", "server_error",
+                           headers={"Retry-After": "2"})
         if body.model != recipe.name:
             raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
                            f"{recipe.name!r}.", param="model", code="model_not_found")
@@ -146,12 +161,28 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         )
         completion_id = new_completion_id()
         if not body.stream:
-            answer = await current.achat(messages, params)
+            pending += 1
+            try:
+                answer = await current.achat(messages, params)
+            finally:
+                pending -= 1
             return completion_body(completion_id, recipe.name, answer)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def counted():
+            # Counted from the first read: a response never started (the client left first)
+            # holds no slot, and one abandoned mid-stream frees its slot in `finally`.
+            nonlocal pending
+            pending += 1
+            try:
+                async for chunk in _sse(current.astream(messages, params), completion_id,
+                                        recipe.name, include_usage):
+                    yield chunk
+            finally:  # also when the client leaves mid-stream
+                pending -= 1
+
         return StreamingResponse(
-            _sse(current.astream(messages, params), completion_id, recipe.name, include_usage),
-            media_type="text/event-stream",
+            counted(), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
