@@ -62,9 +62,9 @@ def write_bundle(recipe: Recipe, out: Path) -> Path:
         # minutes), and a requirements file cannot say --no-deps: ship the converted weights in
         # the bundle instead (about 270 MB, a git-lfs file on the app host).
         from deploy.builder import built_model_dir
-        from deploy.image import _link_or_copy
+        from deploy.image import link_or_copy
 
-        shutil.copytree(built_model_dir(recipe), out / "model", copy_function=_link_or_copy)
+        shutil.copytree(built_model_dir(recipe), out / "model", copy_function=link_or_copy)
         data["model"].update(source="local", path="model", id=None)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     reqs = pinned_requirements(kind)

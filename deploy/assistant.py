@@ -43,10 +43,6 @@ class Assistant:
         log.info("engine %s loaded (%.1fs)", engine.name, time.perf_counter() - started)
         return cls(recipe, engine)
 
-    @property
-    def model_name(self) -> str:
-        return self.recipe.name
-
     def params(self, **overrides) -> GenerationParams:
         """Generation settings: the recipe's defaults with the caller's non-None overrides."""
         given = {k: v for k, v in overrides.items() if v is not None}

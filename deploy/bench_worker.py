@@ -24,6 +24,7 @@ from deploy.recipe import load_recipe
 from deploy.scoring import score
 from deploy.server import create_app
 from deploy.tasks import load_tasks
+from deploy.verify import agreement
 
 
 class _Server:
@@ -107,12 +108,8 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
         row = reference["rows"][i]
         logits = (await engine.prompt_logits([row["ids"]]))[0]
         q = torch.log_softmax(logits[row["start"]:len(row["ids"]) - 1].float(), -1)
-        p = row["logprobs"].float()
-        vocab = min(p.shape[-1], q.shape[-1])
-        p, q = p[:, :vocab], q[:, :vocab]
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-        kl += float((p.exp() * (p - q)).sum())
-        positions += p.shape[0]
+        matched, row_kl, count = agreement(row["logprobs"], q)
+        agree, kl, positions = agree + matched, kl + row_kl, positions + count
     quality = {
         "prompts": len(tasks),
         "top1_agreement": agree / positions if positions else (1.0 if reference is None else None),

@@ -93,13 +93,13 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None) -
         if model_folder is None:
             raise RecipeError("docker.weights is 'bake' but the model is not built: run "
                               "`python -m deploy build RECIPE` first.")
-        shutil.copytree(model_folder, models / recipe.name, copy_function=_link_or_copy)
+        shutil.copytree(model_folder, models / recipe.name, copy_function=link_or_copy)
     else:
         (models / ".keep").write_text("")  # COPY needs the folder; mounted weights land here
     return out
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)  # multi-GB weights: a hard link costs nothing when on the same disk
     except OSError:

@@ -23,9 +23,9 @@ def adapter_dir(recipe: Recipe) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
-        from deploy.model_source import _hub_errors
+        from deploy.model_source import hub_errors
 
-        with _hub_errors(value, None):
+        with hub_errors(value, None):
             folder = Path(snapshot_download(value))
     if not (folder / "adapter_config.json").is_file():
         raise RecipeError(f"model.adapter {value!r} has no adapter_config.json: point it at a PEFT "

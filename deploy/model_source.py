@@ -70,7 +70,7 @@ def model_config(recipe: Recipe) -> dict:
         from huggingface_hub import hf_hub_download
 
         try:
-            with _hub_errors(recipe.model.id, recipe.model.revision):
+            with hub_errors(recipe.model.id, recipe.model.revision):
                 return json.loads(Path(hf_hub_download(
                     recipe.model.id, "config.json", revision=recipe.model.revision)).read_text())
         except ModelSourceError:
@@ -167,12 +167,12 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
 def _from_huggingface(recipe: Recipe) -> Path:
     from huggingface_hub import snapshot_download
 
-    with _hub_errors(recipe.model.id, recipe.model.revision):
+    with hub_errors(recipe.model.id, recipe.model.revision):
         return Path(snapshot_download(recipe.model.id, revision=recipe.model.revision))
 
 
 @contextmanager
-def _hub_errors(model_id: str, revision: str | None):
+def hub_errors(model_id: str, revision: str | None):
     """Hub failures as advice: gated, missing, wrong revision, or no network."""
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -26,6 +26,15 @@ class Comparison:
         return asdict(self)
 
 
+def agreement(p, q) -> tuple[int, float, int]:
+    """(positions where the argmax agrees, summed KL(p || q), positions) for two [len, vocab]
+    log-probability tensors; a padded vocabulary is cut to the shorter of the two."""
+    vocab = min(p.shape[-1], q.shape[-1])
+    p, q = p[:, :vocab].float(), q[:, :vocab].float()
+    agree = int((p.argmax(-1) == q.argmax(-1)).sum())
+    return agree, float((p.exp() * (p - q)).sum()), p.shape[0]
+
+
 async def compare(reference: Engine, candidate: Engine, tokenizer, tasks: list[Task],
                   answer_tokens: int = 32, progress=None) -> Comparison:
     import torch
@@ -45,12 +54,9 @@ async def compare(reference: Engine, candidate: Engine, tokenizer, tasks: list[T
         cand_logits = (await candidate.prompt_logits([ids]))[0]
         # Rows prompt-1 .. end-1 predict the answer tokens.
         span = slice(len(prompt) - 1, len(ids) - 1)
-        vocab = min(ref_logits.shape[-1], cand_logits.shape[-1])  # padded vocabularies may differ
-        p = torch.log_softmax(ref_logits[span, :vocab], dim=-1)
-        q = torch.log_softmax(cand_logits[span, :vocab], dim=-1)
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-        kl_sum += float((p.exp() * (p - q)).sum(-1).sum())
-        positions += p.shape[0]
+        matched, kl, count = agreement(torch.log_softmax(ref_logits[span], dim=-1),
+                                       torch.log_softmax(cand_logits[span], dim=-1))
+        agree, kl_sum, positions = agree + matched, kl_sum + kl, positions + count
         answers.append({"prompt": task.prompt, "original": ref.text, "quantized": cand.text})
         if progress:
             progress()
