@@ -304,8 +304,10 @@ def chat_template_text(recipe: Recipe) -> str | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
-    # A key that is blank or holds control characters is shown quoted, so the path stays readable.
-    field = ".".join(p if p.strip() and p.isprintable() else repr(p) for p in loc) or "(top level)"
+    # A key that is blank, holds control characters, or could be mistaken for the message's own
+    # punctuation is shown quoted, so the path stays readable.
+    field = ".".join(p if p.strip() and p.isprintable() and not set(p) & set(":. '\"") else repr(p)
+                     for p in loc) or "(top level)"
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":

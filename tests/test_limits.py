@@ -72,7 +72,9 @@ values = st.recursive(
 recipes = st.dictionaries(st.sampled_from(SECTIONS) | st.text(max_size=10), values, max_size=4)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: CI sees the same 300 examples every run (a fresh seed each time makes flaky CI).
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(recipes)
 def test_recipe_loader_never_raises_anything_but_a_named_recipe_error(data):
     try:
@@ -80,7 +82,8 @@ def test_recipe_loader_never_raises_anything_but_a_named_recipe_error(data):
     except RecipeError as exc:
         message = str(exc)
         assert "problem(s)" in message or "looks like a secret" in message or "mapping" in message
-        # Every listed problem names a field path before its colon.
+        # Every listed problem names a field path (odd keys quoted) before its colon.
         for line in message.splitlines()[1:]:
             if line.startswith("  "):
-                assert line.strip().split(":")[0], message
+                path = line.strip().rsplit(": ", 1)[0] if ": " in line else ""
+                assert path and not path.startswith(":"), message
