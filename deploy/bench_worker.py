@@ -22,37 +22,9 @@ from deploy.load_test import run_load
 from deploy.memory import memory_report
 from deploy.recipe import load_recipe
 from deploy.scoring import score
-from deploy.server import create_app
+from deploy.server import ServerThread, create_app
 from deploy.tasks import load_tasks
 from deploy.verify import agreement
-
-
-class _Server:
-    def __init__(self, app):
-        import threading
-
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.app = app
-
-    def __enter__(self):
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the benchmark's server did not start")
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.app.state.loop).result()
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
 
 
 async def _decode(assistant: Assistant, prompt: str, tokens: int) -> dict:
@@ -140,20 +112,20 @@ def measure(spec: dict) -> dict:
     tasks = load_tasks(Path(spec["tasks"]), profile["quality_prompts"])
     prompts = [t.prompt for t in load_tasks(Path(spec["tasks"]))]
     try:
-        with _Server(create_app(recipe, assistant, ui=False)) as server:
+        with ServerThread(create_app(recipe, assistant, ui=False)) as server:
             started = time.perf_counter()
-            server.run(assistant.achat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=4)))
+            server.call(assistant.achat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=4)))
             result["first_request_s"] = time.perf_counter() - started
             result["start_to_first_token_s"] = result["load_s"] + result["first_request_s"]
             # The first pass at a new batch shape pays one-time costs (LMDeploy captures CUDA
             # graphs and compiles kernels per shape): warm up each measurement before timing it,
             # and take the median of three batch-1 runs.
-            runs = [server.run(_decode(assistant, prompts[0], profile["decode_tokens"]))
+            runs = [server.call(_decode(assistant, prompts[0], profile["decode_tokens"]))
                     for _ in range(3)]
             result["decode"] = sorted(runs, key=lambda r: r["decode_tok_per_s"] or 0)[1]
             offline = [prompts[i % len(prompts)] for i in range(profile["offline_prompts"])]
-            server.run(_offline(assistant, offline, 4))
-            result["offline"] = server.run(_offline(assistant, offline, profile["offline_tokens"]))
+            server.call(_offline(assistant, offline, 4))
+            result["offline"] = server.call(_offline(assistant, offline, profile["offline_tokens"]))
             result["memory"] = memory_report(assistant.engine, recipe)
             if torch.cuda.is_available():
                 result["memory"]["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -166,7 +138,7 @@ def measure(spec: dict) -> dict:
             reference = None
             if spec.get("reference") and Path(spec["reference"]).is_file():
                 reference = torch.load(spec["reference"])
-            quality, ours = server.run(_quality(assistant, tasks, profile["quality_tokens"], reference))
+            quality, ours = server.call(_quality(assistant, tasks, profile["quality_tokens"], reference))
             result["quality"] = quality
             if spec.get("save_reference"):
                 torch.save(ours, spec["save_reference"])

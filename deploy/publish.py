@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from deploy.image import link_or_copy
 from deploy.recipe import Recipe, RecipeError
 from deploy.sizing import kv_bytes_per_token
 
@@ -104,23 +105,13 @@ def _to_openxlab(recipe: Recipe, folder: Path, card: str, token: str | None) -> 
         git("lfs", "track", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.model")
         for item in folder.iterdir():
             if item.is_file():
-                os.link(item, repo / item.name) if _same_device(item, repo) else _copy(item, repo)
+                link_or_copy(str(item), str(repo / item.name))
         (repo / "README.md").write_text(card, encoding="utf-8")
         git("add", "-A")
         git("-c", "user.name=xlab-deploy", "-c", "user.email=xlab-deploy@localhost", "commit", "-q",
             "-m", f"xlab-deploy: {recipe.name}")
         git("push", "-q", "--force", remote, "main")
     return remote
-
-
-def _same_device(a: Path, b: Path) -> bool:
-    return a.stat().st_dev == b.stat().st_dev
-
-
-def _copy(item: Path, repo: Path) -> None:
-    import shutil
-
-    shutil.copy2(item, repo / item.name)
 
 
 def model_card(recipe: Recipe, folder: Path, verify: dict) -> str:

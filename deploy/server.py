@@ -243,6 +243,39 @@ def _api_key(recipe: Recipe) -> str | None:
     return value
 
 
+class ServerThread:
+    """The app served by uvicorn on a thread, on 127.0.0.1 and a port the OS picks: for in-process
+    callers (the benchmark, the tests). `call` runs a coroutine on the serving loop, where an
+    LMDeploy engine is bound."""
+
+    def __init__(self, app: FastAPI):
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.app.state.loop).result()
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
 def run(recipe: Recipe, host: str | None = None, port: int | None = None) -> None:
     """Serve until interrupted; SIGTERM and Ctrl-C let in-flight requests finish first."""
     import uvicorn
