@@ -115,4 +115,16 @@ def sse_chunk(completion_id: str, model: str, created: int, delta: dict,
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+def content_chunk_framer(completion_id: str, model: str, created: int):
+    """A function text -> the `data:` event of a content delta, equal to sse_chunk's. Only the text
+    changes between a stream's content chunks, so the rest is serialised once per stream: this
+    runs once per generated token."""
+    head, tail = sse_chunk(completion_id, model, created, {"content": "\x00"}).rsplit('"\\u0000"', 1)
+
+    def frame(text: str) -> str:
+        return head + json.dumps(text, ensure_ascii=False) + tail
+
+    return frame
+
+
 SSE_DONE = "data: [DONE]\n\n"

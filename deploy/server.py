@@ -27,6 +27,7 @@ from deploy.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     completion_body,
+    content_chunk_framer,
     error_body,
     new_completion_id,
     sse_chunk,
@@ -42,6 +43,58 @@ class ApiError(Exception):
                  param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.body, self.headers = status, error_body(message, kind, param, code), headers
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` with a 413, whether or not they declare a length.
+
+    A plain ASGI middleware: Starlette's @app.middleware("http") wraps every streamed response in
+    an extra task and memory stream, a cost paid on each SSE chunk (scripts/sse_overhead.py).
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send, int(declared))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the whole body first (at most max_bytes), so that a chunked upload without a
+        # declared length is refused before the app sees any of it.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send, size, "at least ")
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then the disconnect, when it comes
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: int, qualifier: str = "") -> None:
+        body = json.dumps(error_body(
+            f"The request body is {qualifier}{size} bytes; this server accepts at most "
+            f"{self.max_bytes} (serve.max_request_bytes).")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class _State:
@@ -81,16 +134,8 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             state.assistant.close()
 
     app = FastAPI(title=f"xlab-deploy: {recipe.name}", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=recipe.serve.max_request_bytes)
     pending = 0  # chat requests admitted and not finished; bounded by serve.max_pending
-
-    @app.middleware("http")
-    async def _limit_size(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > recipe.serve.max_request_bytes:
-            return JSONResponse(error_body(
-                f"The request body is {size} bytes; this server accepts at most "
-                f"{recipe.serve.max_request_bytes} (serve.max_request_bytes)."), status_code=413)
-        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -199,10 +244,11 @@ async def _sse(stream: AsyncIterator, completion_id: str, model: str,
                include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     yield sse_chunk(completion_id, model, created, {"role": "assistant", "content": ""})
+    content = content_chunk_framer(completion_id, model, created)
     try:
         async for delta in stream:
             if delta.text:
-                yield sse_chunk(completion_id, model, created, {"content": delta.text})
+                yield content(delta.text)
             if delta.finish_reason:
                 yield sse_chunk(completion_id, model, created, {}, delta.finish_reason)
                 if include_usage:

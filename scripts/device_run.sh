@@ -5,6 +5,7 @@
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
 #   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model
 #   bash scripts/device_run.sh overhead              # the kit's server against lmdeploy api_server
+#   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 # Needs .device/whl (scripts from ../shared/device/fetch-lmdeploy-wheels.sh plus pytest, psutil)
 # and .device/tok32k carried with the call. Results go to $OUT (default ./out).
 set -euo pipefail
@@ -33,6 +34,10 @@ case "${1:-setup}" in
          [ $status = 0 ] || tail -c 3000 /tmp/bench-gpu/logs/*.log
          exit $status ;;
   overhead) python3 scripts/gpu_overhead.py --model "$(model 7b)" --out /tmp/overhead
-            cp /tmp/overhead/overhead.json "$OUT"/ ;;
+            cp /tmp/overhead/overhead.json /tmp/overhead/*.log "$OUT"/ ;;
+  tp) status=0
+      python3 scripts/gpu_tp.py --model "$(model 7b)" --out /tmp/tp || status=$?
+      cp /tmp/tp/tp.json /tmp/tp/memory-tp2.json /tmp/tp/*.log "$OUT"/ 2>/dev/null || true
+      exit $status ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

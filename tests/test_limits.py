@@ -57,6 +57,17 @@ def test_oversized_and_non_utf8_bodies_get_4xx(limited):
     big = httpx.post(limited.url + "/v1/chat/completions", content=b"x" * 5000,
                      headers={"content-type": "application/json"})
     assert big.status_code == 413 and "serve.max_request_bytes" in big.json()["error"]["message"]
+
+    def chunked():  # no content-length: the limit is enforced on the bytes as they arrive
+        for _ in range(10):
+            yield b"x" * 500
+
+    unsized = httpx.post(limited.url + "/v1/chat/completions", content=chunked(),
+                         headers={"content-type": "application/json"})
+    assert unsized.status_code == 413 and "at least" in unsized.json()["error"]["message"]
+    small = httpx.post(limited.url + "/v1/chat/completions", content=iter([b'{"model": 1}']),
+                       headers={"content-type": "application/json"})
+    assert small.status_code == 400  # a chunked body under the limit reaches the API
     bad = httpx.post(limited.url + "/v1/chat/completions", content=b'{"model": "\xff\xfe"}',
                      headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"

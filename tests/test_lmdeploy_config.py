@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from deploy.engines import load_engine, pick_backend
-from deploy.engines.lmdeploy_engine import engine_config_kwargs, kv_blocks_for
+from deploy.engines.lmdeploy_engine import engine_config_kwargs, kv_blocks_for, tp_executor
 from deploy.recipe import RecipeError, parse_recipe
 from deploy.sizing import kv_bytes_per_token
 
@@ -36,7 +36,22 @@ def test_pytorch_engine_config_from_recipe():
     kw = engine_config_kwargs(r, "lmdeploy-pytorch", INTERNLM2)
     assert kw == {"dtype": "float16", "session_len": 8192, "max_batch_size": 32, "tp": 2,
                   "quant_policy": 8, "block_size": 64, "enable_mp_engine": True,
+                  "distributed_executor_backend": tp_executor(),
                   "cache_max_entry_count": 0.3}
+    assert "distributed_executor_backend" not in engine_config_kwargs(recipe(), "lmdeploy-pytorch",
+                                                                      INTERNLM2)
+
+
+def test_tp_executor_is_ray_only_where_ray_is_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray"
+                        else real(name, *a))
+    assert tp_executor() == "mp"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ray"
+                        else real(name, *a))
+    assert tp_executor() == "ray"
 
 
 def test_turbomind_engine_config_from_recipe():

@@ -60,6 +60,8 @@ def engine_config_kwargs(recipe: Recipe, backend: str, model_config: dict) -> di
         # process its scheduling loop competes with 64 streams for one event loop (measured on
         # the H100: 35% less output at concurrency 64, docs/benchmarks.md).
         kwargs["enable_mp_engine"] = True
+        if engine.tp > 1:
+            kwargs["distributed_executor_backend"] = tp_executor()
     if engine.kv_cache_gib is not None:
         blocks = kv_blocks_for(engine.kv_cache_gib, model_config, quant.kv_cache, engine.tp)
         if backend == "lmdeploy-turbomind":
@@ -71,6 +73,18 @@ def engine_config_kwargs(recipe: Recipe, backend: str, model_config: dict) -> di
         # A share of the memory still FREE after the weights load, not of the whole card.
         kwargs["cache_max_entry_count"] = engine.cache_max_entry_count or DEFAULT_CACHE_RATIO
     return kwargs
+
+
+def tp_executor() -> str:
+    """How the PyTorch engine runs its tp workers. LMDeploy picks Ray on CUDA, and fails at start
+    when Ray is absent; its own multiprocessing executor needs nothing more on one host."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        return "ray"
+    log.info("engine.tp > 1 without Ray installed: LMDeploy's multiprocessing executor runs the "
+             "workers (pip install ray to use LMDeploy's default instead)")
+    return "mp"
 
 
 def kv_blocks_for(gib: float, model_config: dict, kv_cache: str, tp: int = 1) -> int:
