@@ -9,9 +9,11 @@ folder name. `engine_config_kwargs` is the one place where recipe fields become 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -108,28 +110,40 @@ def lmdeploy_config(recipe: Recipe, backend: str, model_config: dict):
 
 class LMDeployEngine(Engine):
     def __init__(self, model_dir: Path, recipe: Recipe, backend: str):
-        from lmdeploy.serve.core.async_engine import AsyncEngine
-
         self.name = backend
         self.recipe = recipe
         self.model_dir = Path(model_dir)
         self.model_config = json.loads((self.model_dir / "config.json").read_text())
         _check_weights(recipe, self.model_config, self.model_dir)
         trust = recipe.model.trust_remote_code
-        self.tokenizer = load_tokenizer(self.model_dir, chat_template_text(recipe), trust)
-        self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
+        # Start-up is on the user's clock (issue #10): the tokenizer loads on a thread while
+        # LMDeploy imports and starts its engine, and each phase's time goes to the log.
+        tokenizing = concurrent.futures.ThreadPoolExecutor(1, "tokenizer").submit(
+            load_tokenizer, self.model_dir, chat_template_text(recipe), trust)
+        started = time.perf_counter()
+        from lmdeploy.serve.core.async_engine import AsyncEngine
+
+        log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
         self.config = lmdeploy_config(recipe, backend, self.model_config)
         log.info("LMDeploy %s config: %s", backend, self.config)
         checked = _env_check_marker(self.model_config, self.config)
         _skip_env_check(checked.exists())
+        started = time.perf_counter()
         self._engine = AsyncEngine(
             str(self.model_dir),
             backend="turbomind" if backend == "lmdeploy-turbomind" else "pytorch",
             backend_config=self.config,
             trust_remote_code=trust,
         )
+        log.info("LMDeploy engine started (%.1fs)", time.perf_counter() - started)
         checked.parent.mkdir(parents=True, exist_ok=True)
         checked.touch()
+        try:
+            self.tokenizer = tokenizing.result()
+        except Exception:
+            self._engine.close()
+            raise
+        self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
         self.session_len = self._engine.session_len
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -248,7 +262,11 @@ def _env_check_marker(model_config: dict, engine_config) -> Path:
         except importlib.metadata.PackageNotFoundError:
             return "-"
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    from deploy.memory import gpu_report
+
+    # NVML, not torch.cuda: the engine runs in its own process, and a CUDA context here would
+    # cost seconds of start-up and GPU memory for nothing.
+    gpus = [gpu["name"] for gpu in gpu_report()["gpus"]]
     key = json.dumps([version("lmdeploy"), torch.__version__, torch.version.cuda, version("transformers"),
                       version("triton"), gpus, model_config, repr(engine_config)], sort_keys=True,
                      default=str)
