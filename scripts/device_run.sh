@@ -4,7 +4,7 @@
 #   bash scripts/device_run.sh gputest               # pytest -m gpu against the tiny model
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
 #   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model
-#   bash scripts/device_run.sh overhead              # the kit's server against lmdeploy api_server
+#   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 # Needs .device/whl (scripts from ../shared/device/fetch-lmdeploy-wheels.sh plus pytest, psutil)
 # and .device/tok32k carried with the call. Results go to $OUT (default ./out).
@@ -33,7 +33,7 @@ case "${1:-setup}" in
          cp /tmp/bench-gpu/*.json "$OUT"/ 2>/dev/null || true
          [ $status = 0 ] || tail -c 3000 /tmp/bench-gpu/logs/*.log
          exit $status ;;
-  overhead) python3 scripts/gpu_overhead.py --model "$(model 7b)" --out /tmp/overhead
+  overhead) python3 scripts/gpu_overhead.py --model "$(model 7b)" --out /tmp/overhead ${2:-}
             cp /tmp/overhead/overhead.json /tmp/overhead/*.log "$OUT"/ ;;
   tp) status=0
       python3 scripts/gpu_tp.py --model "$(model 7b)" --out /tmp/tp || status=$?

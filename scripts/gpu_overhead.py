@@ -6,7 +6,7 @@ streaming chat completions at concurrency 1 and 64, after a warm-up wave. Then t
 started twice more from cold to time start -> first token (the second start skips LMDeploy's
 environment check, which the first recorded as passed).
 
-Usage: python scripts/gpu_overhead.py --model DIR --out OUT
+Usage: python scripts/gpu_overhead.py --model DIR --out OUT [--kit-only]
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(url + path, timeout=5).status_code == 200:
+            reply = httpx.get(url + path, timeout=5)
+            if reply.status_code == 200:
                 return
+            if path == "/health" and reply.json().get("status") == "failed":
+                raise RuntimeError(f"the model failed to load: {reply.json().get('error')}")
         except httpx.TransportError:
             pass
         time.sleep(0.5)
@@ -93,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kit-only", action="store_true",
+                        help="skip the api_server baseline (e.g. to re-time the kit's cold start)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = args.out / "overhead.yaml"
@@ -101,8 +106,10 @@ def main() -> None:
         "engine": {"backend": "lmdeploy-pytorch", "dtype": "float16", "session_len": 4096,
                    "max_batch_size": 64, "cache_max_entry_count": 0.2},
         "serve": {"mode": "api"}}))
-    results = {"lmdeploy": lmdeploy_server(args.model, args.out)}
-    print(json.dumps(results["lmdeploy"]), flush=True)
+    results = {}
+    if not args.kit_only:
+        results["lmdeploy"] = lmdeploy_server(args.model, args.out)
+        print(json.dumps(results["lmdeploy"]), flush=True)
     results["kit"] = kit_server(recipe, args.out)  # first start: runs and records the env check
     print(json.dumps(results["kit"]), flush=True)
     results["cold_start"] = [one_run(recipe, ROOT, args.out / f"cold-{i}.log") for i in range(2)]

@@ -9,7 +9,6 @@ folder name. `engine_config_kwargs` is the one place where recipe fields become 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import os
@@ -116,14 +115,13 @@ class LMDeployEngine(Engine):
         self.model_config = json.loads((self.model_dir / "config.json").read_text())
         _check_weights(recipe, self.model_config, self.model_dir)
         trust = recipe.model.trust_remote_code
-        # Start-up is on the user's clock (issue #10): the tokenizer loads on a thread while
-        # LMDeploy imports and starts its engine, and each phase's time goes to the log.
-        tokenizing = concurrent.futures.ThreadPoolExecutor(1, "tokenizer").submit(
-            load_tokenizer, self.model_dir, chat_template_text(recipe), trust)
         started = time.perf_counter()
+        # Imported before the tokenizer loads: both import transformers, and two threads
+        # importing it at once fail ("cannot import name 'PretrainedConfig'", seen on the H100).
         from lmdeploy.serve.core.async_engine import AsyncEngine
 
         log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
+        self.tokenizer = load_tokenizer(self.model_dir, chat_template_text(recipe), trust)
         self.config = lmdeploy_config(recipe, backend, self.model_config)
         log.info("LMDeploy %s config: %s", backend, self.config)
         checked = _env_check_marker(self.model_config, self.config)
@@ -138,11 +136,6 @@ class LMDeployEngine(Engine):
         log.info("LMDeploy engine started (%.1fs)", time.perf_counter() - started)
         checked.parent.mkdir(parents=True, exist_ok=True)
         checked.touch()
-        try:
-            self.tokenizer = tokenizing.result()
-        except Exception:
-            self._engine.close()
-            raise
         self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
         self.session_len = self._engine.session_len
         self._loop: asyncio.AbstractEventLoop | None = None
