@@ -215,13 +215,23 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
+class LogHandler(logging.StreamHandler):
+    """The kit's console handler. A subclass on purpose: LMDeploy's get_logger raises every root
+    handler whose type *is* logging.StreamHandler to ERROR, which silenced the kit's start-up
+    phase times once LMDeploy was imported (seen on the H100)."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = LogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # A no-op where logging is set up already (under pytest, say).
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     verb = args.pop("verb")
-    logging.basicConfig(
-        level=logging.DEBUG if args.pop("verbose") else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.pop("verbose"))
     try:
         return VERBS[verb](**args)
     except (RecipeError, ModelSourceError) as exc:

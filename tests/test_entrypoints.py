@@ -75,3 +75,19 @@ def test_terminal_chat_ends_on_eof(assistant):
     out = io.StringIO()
     chat_loop(assistant, stdin=io.StringIO(""), out=out)
     assert out.getvalue().endswith("you> \n")
+
+
+def test_start_up_log_survives_lmdeploys_logger_setup():
+    # LMDeploy's get_logger (lmdeploy/utils.py) raises root handlers of the exact type
+    # StreamHandler to ERROR; the kit's phase times must still reach the console after it runs.
+    code = (
+        "import logging\n"
+        "from deploy.cli import setup_logging\n"
+        "setup_logging()\n"
+        "for handler in logging.root.handlers:\n"
+        "    if type(handler) is logging.StreamHandler:\n"
+        "        handler.setLevel(logging.ERROR)\n"
+        "logging.getLogger('deploy.engines').info('LMDeploy engine started (1.0s)')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "INFO deploy.engines: LMDeploy engine started (1.0s)" in result.stderr
