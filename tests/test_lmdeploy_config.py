@@ -109,3 +109,23 @@ def test_tp_beyond_visible_gpus_is_refused():
     assert "engine.tp is 2 but 1 GPU(s)" in lmdeploy_problem("lmdeploy-pytorch", 2, True, 1)
     assert "needs an NVIDIA GPU" in lmdeploy_problem("lmdeploy-pytorch", 1, True, 0)
     assert lmdeploy_problem("lmdeploy-pytorch", 2, True, 2) is None
+
+
+def test_memory_report_with_tp_gives_kv_bytes_per_gpu(tmp_path):
+    # The engine's own numbers as LMDeploy reported them for a Llama-2-7B-shaped model at tp 2 on
+    # two H100s (docs/data/h100x2-2026-11-25-tp/memory-tp2.json): 914 blocks of 64 tokens.
+    from types import SimpleNamespace
+
+    from deploy.engines.lmdeploy_engine import LMDeployEngine
+
+    engine = LMDeployEngine.__new__(LMDeployEngine)  # no GPU here: only the report's arithmetic
+    engine.name, engine.model_dir, engine.session_len = "lmdeploy-pytorch", tmp_path, 4096
+    engine.recipe, engine.model_config = recipe(engine={"tp": 2}), LLAMA2
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 100)
+    engine._engine = SimpleNamespace(backend_config=SimpleNamespace(
+        num_gpu_blocks=914, block_size=64, tp=2, cache_max_entry_count=0.2, quant_policy=0))
+    memory = engine.memory()
+    assert memory.kv_capacity_tokens == 58_496
+    assert memory.kv_cache_bytes == 58_496 * 512 * 1024 // 2  # 15.3 GB on each of the two GPUs
+    assert memory.sessions_that_fit == 14
+    assert any("per GPU" in note for note in memory.notes)

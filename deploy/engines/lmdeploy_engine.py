@@ -202,11 +202,16 @@ class LMDeployEngine(Engine):
         ]
         if blocks is None:
             notes.append(f"{self.name} does not report its KV block count.")
+        tp = getattr(cfg, "tp", 1) or 1
+        if tp > 1:
+            # As the planner and the per-GPU list report it: each GPU holds 1/tp of the KV heads.
+            notes.append(f"tp {tp}: kv_cache_bytes is per GPU; kv_bytes_per_token and "
+                         "weight_bytes are for the whole model.")
         return EngineMemory(
             device="cuda",
             weight_bytes=_weight_file_bytes(self.model_dir),
             kv_bytes_per_token=per_token,
-            kv_cache_bytes=tokens * per_token if tokens else None,
+            kv_cache_bytes=tokens * per_token // tp if tokens else None,
             kv_capacity_tokens=tokens,
             kv_block_size=block,
             kv_blocks=blocks,
