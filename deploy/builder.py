@@ -10,6 +10,8 @@ output; a rerun skips every step whose inputs are unchanged and whose outputs ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +32,50 @@ log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
 FULL_HASH_LIMIT = 64 * 2**20  # files above this get a fast fingerprint: size + head + tail
+
+
+class BuildError(RuntimeError):
+    """A step could not write its output (full disk, no permission); the message says what to do."""
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_problem(exc: OSError, step: str, work: Path) -> str | None:
+    """The user's version of a failed write, or None for errors that are not about the disk."""
+    where = exc.filename or work
+    if exc.errno in DISK_FULL:
+        try:
+            existing = next(p for p in (work, *work.parents) if p.exists())
+            free = f"{shutil.disk_usage(existing).free / 1e9:.1f} GB"
+        except OSError:
+            free = "unknown space"
+        return (f"The {step} step ran out of disk space writing {where} ({exc.strerror}; {free} "
+                "free there now that its partial output is removed). Free some space, or set "
+                "XLAB_DEPLOY_HOME to a folder on a bigger disk, then run the build again: "
+                "finished steps are kept.")
+    if exc.errno == errno.ENOTDIR:
+        return (f"The {step} step cannot create {where}: part of that path is a file, not a "
+                "folder. Set XLAB_DEPLOY_HOME to a folder, then run the build again.")
+    if exc.errno in NOT_ALLOWED:
+        return (f"The {step} step may not write {where} ({exc.strerror}). Make that folder "
+                "writable, or set XLAB_DEPLOY_HOME to a folder you own, then run the build again.")
+    return None
+
+
+@contextlib.contextmanager
+def _writes(step: str, work: Path):
+    """Turns a full disk or a refused write into a BuildError, after removing partial output."""
+    try:
+        yield
+    except OSError as exc:
+        problem = write_problem(exc, step, work)
+        if problem is None:
+            raise
+        with contextlib.suppress(OSError):
+            _remove_leftovers(work)
+        raise BuildError(problem) from exc
 
 
 class QualityGateError(RuntimeError):
@@ -79,8 +125,9 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
     """Run the steps in order. `gate=False` (the benchmark, which measures quality itself) skips
     the verify step without recording it."""
     work = work_dir(recipe)
-    work.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(work)
+    with _writes("set-up", work):
+        work.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(work)
     manifest = read_manifest(recipe)
     steps = [("fetch", _fetch), ("merge", _merge), ("quantize", _quantize), ("verify", _verify),
              ("publish", _publish)]
@@ -97,7 +144,7 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
             outputs[name] = {"skipped": "quality is measured by the caller"}
             continue
         started = time.perf_counter()
-        with console.status(f"[{number}/{len(steps)}] {name} ..."):
+        with _writes(name, work), console.status(f"[{number}/{len(steps)}] {name} ..."):
             result = step(recipe, work, outputs, publish_dry_run=publish_dry_run)
         seconds = time.perf_counter() - started
         outputs[name] = result
@@ -114,7 +161,8 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _write_json(manifest_path(recipe), manifest)
+        with _writes(name, work):
+            _write_json(manifest_path(recipe), manifest)
     final = outputs["quantize"].get("model_dir") or _source(outputs)
     return BuildResult(Path(final), manifest)
 
@@ -279,9 +327,14 @@ def _fingerprint(path: Path) -> str:
 
 def _write_json(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _remove_leftovers(work: Path) -> None:

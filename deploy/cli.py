@@ -240,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Failures a user can act on carry a message that says how; anything else is a bug.
         from deploy.bench import BenchError
-        from deploy.builder import QualityGateError
+        from deploy.builder import BuildError, QualityGateError
         from deploy.image import ImageError
         from deploy.publish import PublishError
 
-        if isinstance(exc, QualityGateError | PublishError | ImageError | BenchError | OSError):
+        if isinstance(exc, BuildError | QualityGateError | PublishError | ImageError | BenchError
+                      | OSError):
             print(f"error: {exc}", file=sys.stderr)
             return 4 if isinstance(exc, QualityGateError) else 5 if isinstance(exc, PublishError) else 1
         raise

@@ -192,3 +192,58 @@ def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, mo
     tracked = subprocess.run(["git", "lfs", "ls-files", "-n"], cwd=clone, capture_output=True,
                              text=True, check=True).stdout.split()
     assert "qmodel.pt" in tracked  # the weights travelled as LFS objects
+
+
+def test_full_disk_during_quantize_says_what_to_do_and_leaves_no_partial_output(tmp_path,
+                                                                               monkeypatch):
+    # Fault injection: no test machine has a disk to fill safely, so the weights writer (torch.save,
+    # which hqq's save_quantized calls) writes part of its file and then fails as a full disk does.
+    import errno
+
+    import torch
+
+    from deploy.builder import BuildError
+
+    recipe = load_recipe(write_recipe(tmp_path, "test-build-full-disk"))
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial weights")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(BuildError) as failure:
+        build(recipe)
+    message = str(failure.value)
+    assert message.startswith("The quantize step ran out of disk space writing ")
+    assert "XLAB_DEPLOY_HOME" in message and "finished steps are kept" in message
+    work = work_dir(recipe)
+    assert list(read_manifest(recipe)["steps"]) == ["fetch", "merge"]
+    assert not [p.name for p in work.iterdir() if p.name.startswith(".") or "quantized" in p.name]
+
+
+def test_unwritable_cache_is_a_sentence_not_a_traceback(tmp_path):
+    # A real refused write: the cache is pointed below a file, which no user, root included, can
+    # create folders in.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    path = write_recipe(tmp_path, "test-build-unwritable")
+    env = {**os.environ, "XLAB_DEPLOY_HOME": str(blocker / "cache")}
+    run = subprocess.run([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert "error: " in run.stderr and "XLAB_DEPLOY_HOME" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EPERM", "EROFS"])
+def test_refused_writes_name_the_path_and_the_way_out(code, tmp_path):
+    import errno
+
+    from deploy.builder import write_problem
+
+    exc = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/models/x/config.json")
+    message = write_problem(exc, "fetch", tmp_path)
+    assert message.startswith("The fetch step may not write /models/x/config.json (")
+    assert "XLAB_DEPLOY_HOME" in message
+    # Errors that are not about the disk (a refused connection, say) stay as they are.
+    assert write_problem(ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "fetch", tmp_path) is None
