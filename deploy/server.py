@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -165,28 +165,32 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     @app.get("/health")
     async def health():
         if state.assistant is not None:
-            return {"status": "ok", "model": recipe.name, "engine": state.assistant.engine.name}
+            # in_flight: chat requests admitted and not yet finished or cancelled; back to 0 when
+            # idle, which is how the soak test (scripts/soak.py) checks that no slot leaks.
+            return {"status": "ok", "model": recipe.name, "engine": state.assistant.engine.name,
+                    "in_flight": pending}
         status = "failed" if state.error else "starting"
         return JSONResponse({"status": status, "model": recipe.name, "error": state.error},
                             status_code=503)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
+    # As a dependency the key is checked before the body is parsed: a caller without the key
+    # learns nothing about the API, not even its validation errors.
+    keyed = [Depends(check_key)]
+
+    @app.get("/v1/models", dependencies=keyed)
+    async def models():
         return {"object": "list", "data": [
             {"id": recipe.name, "object": "model", "created": 0, "owned_by": "xlab-deploy"}
         ]}
 
-    @app.get("/memory")
-    async def memory(request: Request):
-        check_key(request)
+    @app.get("/memory", dependencies=keyed)
+    async def memory():
         current = state.ready()
         return await asyncio.to_thread(memory_report, current.engine, recipe)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", dependencies=keyed)
+    async def chat_completions(body: ChatCompletionRequest):
         nonlocal pending
-        check_key(request)
         current = state.ready()
         if pending >= recipe.serve.max_pending:
             raise ApiError(503, f"The server is busy: {pending} requests are in flight "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -24,13 +25,21 @@ def free_port() -> int:
 
 
 def test_serve_command_reports_starting_then_answers(tmp_path):
+    """The real `serve` process: starting -> ok, an API key that never reaches the log, no CORS,
+    and SIGTERM during a stream lets the stream finish before the process exits."""
+    import json
+    import signal
+
+    key = "sk-test-7f3a9c-never-logged"
     recipe = tmp_path / "api.yaml"
     recipe.write_text((ROOT / "recipes" / "smollm2-cpu.yaml").read_text()
-                      .replace("mode: gradio", "mode: api").replace("name: smollm2-cpu", "name: t"))
+                      .replace("mode: gradio", "mode: api\n  api_key_env: TEST_SERVE_KEY")
+                      .replace("name: smollm2-cpu", "name: t"))
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port",
-                             str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "deploy", "--verbose", "serve", str(recipe),
+                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TEST_SERVE_KEY": key})
     try:
         url = f"http://127.0.0.1:{port}"
         seen = set()
@@ -46,19 +55,47 @@ def test_serve_command_reports_starting_then_answers(tmp_path):
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.1)
         assert {"starting", "ok"} <= seen, (tmp_path / "serve.log").read_text()
-        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
         reply = client.chat.completions.create(
             model="t", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=16, temperature=0)
         assert "Paris" in reply.choices[0].message.content
+        wrong = httpx.post(url + "/v1/chat/completions", json={}, headers={"Authorization": "Bearer no"})
+        assert wrong.status_code == 401
+        # CORS is off: a browser on another origin gets no permission to read the API.
+        preflight = httpx.options(url + "/v1/chat/completions", headers={
+            "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers
+        assert "access-control-allow-origin" not in httpx.get(
+            url + "/health", headers={"Origin": "https://elsewhere.example"}).headers
+
+        # SIGTERM with a stream in flight: the stream runs to its end, then the process exits.
+        body = {"model": "t", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "max_tokens": 48, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120,
+                          headers={"Authorization": f"Bearer {key}"}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:  # answering: stop the server now
+                    proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]
+                  if json.loads(e)["choices"]]
+        assert finish[-1] == "length" and len(events) > 10
+        proc.wait(timeout=40)
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait(timeout=60)
     logs = (tmp_path / "serve.log").read_text()
     # uvicorn re-raises SIGTERM once it has shut down cleanly, so -15 is a clean exit too.
     assert proc.returncode in (0, -15), logs
     assert "ready in" in logs and "Application shutdown complete" in logs
     assert "Traceback" not in logs
+    assert key not in logs and "Bearer" not in logs
 
 
 def test_terminal_chat_streams_resets_and_exits(assistant):
