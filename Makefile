@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: help install deploy build bench docker test lint chromium clean
+.PHONY: help install deploy build bench soak docker test lint chromium clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -50,6 +50,11 @@ BENCH_RECIPE ?= recipes/smollm2-cpu-w4.yaml
 BENCH_OUT ?= docs/bench/cpu
 bench: $(VENV)/.test-installed  ## benchmark BENCH_RECIPE's settings into BENCH_OUT/report.md
 	$(PY) -m deploy bench $(BENCH_RECIPE) --out $(BENCH_OUT) $(if $(SETTINGS),--settings $(SETTINGS))
+
+SOAK_OUT ?= docs/data/soak-cpu.json
+
+soak: $(VENV)/.test-installed  ## 1,000 mixed requests against RECIPE's server (docs/reliability.md)
+	$(PY) scripts/soak.py $(RECIPE) --out $(SOAK_OUT)
 
 docker: build  ## build RECIPE's image and run it (needs a Docker engine)
 	$(PY) -m deploy image build $(RECIPE)

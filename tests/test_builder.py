@@ -133,13 +133,15 @@ def test_publish_dry_run_lists_and_uploads_nothing(built, tmp_path, capsys):
         "dry_run" not in outcome.manifest["steps"]["publish"]["outputs"]
 
 
-def test_publish_to_hugging_face_through_a_local_stand_in(built, tmp_path, monkeypatch):
+def test_publish_to_hugging_face_through_a_local_stand_in(built, tmp_path, monkeypatch, caplog,
+                                                          capfd):
     from fake_hub import create_fake_hub
 
     from deploy.publish import publish
 
     recipe, result = built
     token = "hf_" + "t0ken" * 8
+    caplog.set_level("DEBUG")  # every log record, huggingface_hub's and httpx's included
     hub = create_fake_hub()
     with LiveServer(hub) as live:
         monkeypatch.setenv("HF_ENDPOINT", live.url)
@@ -161,6 +163,8 @@ def test_publish_to_hugging_face_through_a_local_stand_in(built, tmp_path, monke
     assert "W4A16, group size 32" in card and f"{verify['top1_agreement']:.3f}" in card
     assert token not in card and token not in json.dumps(outcome)
     assert token not in manifest_text(target)
+    out, err = capfd.readouterr()
+    assert token not in caplog.text and token not in out + err
 
 
 def manifest_text(recipe) -> str:
@@ -168,7 +172,8 @@ def manifest_text(recipe) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, monkeypatch):
+def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, monkeypatch, caplog,
+                                                             capfd):
     if not shutil.which("git-lfs"):
         if in_ci():
             pytest.fail("git-lfs is missing in CI: .ci/run must install it")
@@ -183,7 +188,11 @@ def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, mo
     monkeypatch.setenv("XLAB_OPENXLAB_GIT", f"file://{remote_root}")
     monkeypatch.setenv("TEST_HUB_TOKEN", "openxlab-secret-token")
     target = published_recipe(tmp_path, "openxlab", "me/smollm2-w4")
+    caplog.set_level("DEBUG")
     publish(target, result.model_dir, result.manifest["steps"]["verify"]["outputs"])
+    out, err = capfd.readouterr()
+    assert "openxlab-secret-token" not in caplog.text + out + err
+    assert "openxlab-secret-token" not in manifest_text(target)
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "-b", "main", str(bare), str(clone)], check=True,
                    env={**os.environ, "GIT_LFS_SKIP_SMUDGE": "0"})
