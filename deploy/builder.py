@@ -44,17 +44,20 @@ NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 def write_problem(exc: OSError, step: str, work: Path) -> str | None:
     """The user's version of a failed write, or None for errors that are not about the disk."""
-    where = exc.filename or work
+    where = Path(exc.filename) if exc.filename else work
+    # The kit's own cache can move; other folders (the Hugging Face cache, say) are named as they are.
+    ours = where == work or cache_home() in where.parents
+    move = ("set XLAB_DEPLOY_HOME to a folder on a bigger disk" if ours
+            else "move that folder to a bigger disk")
     if exc.errno in DISK_FULL:
         try:
-            existing = next(p for p in (work, *work.parents) if p.exists())
+            existing = next(p for p in (where, *where.parents) if p.exists())
             free = f"{shutil.disk_usage(existing).free / 1e9:.1f} GB"
-        except OSError:
+        except (OSError, StopIteration):
             free = "unknown space"
         return (f"The {step} step ran out of disk space writing {where} ({exc.strerror}; {free} "
-                "free there now that its partial output is removed). Free some space, or set "
-                "XLAB_DEPLOY_HOME to a folder on a bigger disk, then run the build again: "
-                "finished steps are kept.")
+                f"free there now that its partial output is removed). Free some space, or {move}, "
+                "then run the build again: finished steps are kept.")
     if exc.errno == errno.ENOTDIR:
         return (f"The {step} step cannot create {where}: part of that path is a file, not a "
                 "folder. Set XLAB_DEPLOY_HOME to a folder, then run the build again.")

@@ -256,3 +256,15 @@ def test_refused_writes_name_the_path_and_the_way_out(code, tmp_path):
     assert "XLAB_DEPLOY_HOME" in message
     # Errors that are not about the disk (a refused connection, say) stay as they are.
     assert write_problem(ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "fetch", tmp_path) is None
+
+
+def test_full_disk_outside_the_kits_cache_names_that_folder(tmp_path, monkeypatch):
+    import errno
+
+    from deploy.builder import write_problem
+
+    monkeypatch.setenv("XLAB_DEPLOY_HOME", str(tmp_path / "kit"))
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hf" / "blob"))
+    message = write_problem(full, "fetch", tmp_path / "kit" / "builds" / "x")
+    assert f"writing {tmp_path / 'hf' / 'blob'}" in message
+    assert "move that folder to a bigger disk" in message and "XLAB_DEPLOY_HOME" not in message
