@@ -8,6 +8,7 @@ in the same session. Prints each run's times to listening, to /health ok and to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import socket
@@ -20,6 +21,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,16 +30,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_run(recipe: Path, code: Path, log_path: Path) -> dict:
-    name = yaml.safe_load(recipe.read_text())["name"]
+@contextlib.contextmanager
+def kit_server(recipe: Path, log_path: Path, code: Path = ROOT):
+    """`python -m deploy serve RECIPE` on a free port, its output in log_path: yields (url, proc),
+    and stops it with SIGTERM (a graceful drain) on the way out."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe.resolve()),
                                  "--port", str(port)], cwd=code, stdout=log, stderr=subprocess.STDOUT)
-    listening = None
     try:
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def one_run(recipe: Path, code: Path, log_path: Path) -> dict:
+    name = yaml.safe_load(recipe.read_text())["name"]
+    started = time.perf_counter()
+    listening = None
+    with kit_server(recipe, log_path, code) as (url, proc):
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(log_path.read_text()[-3000:])
@@ -59,9 +72,6 @@ def one_run(recipe: Path, code: Path, log_path: Path) -> dict:
                 if choices[0].get("delta", {}).get("content"):
                     break
         first_token = time.perf_counter() - started
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
     return {"listening_s": listening, "ready_s": ready, "first_token_s": first_token}
 
 

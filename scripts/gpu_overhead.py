@@ -24,7 +24,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cold_start import free_port, one_run  # noqa: E402
+from cold_start import free_port, kit_server, one_run  # noqa: E402
 
 from deploy.load_test import run_load  # noqa: E402
 
@@ -75,21 +75,13 @@ def lmdeploy_server(model: Path, out: Path) -> dict:
         proc.wait(timeout=120)
 
 
-def kit_server(recipe: Path, out: Path) -> dict:
-    port = free_port()
-    log = (out / "kit-server.log").open("w")
+def kit_measured(recipe: Path, out: Path) -> dict:
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with kit_server(recipe, out / "kit-server.log") as (url, proc):
         wait_ready(url, proc, "/health")
         ready = time.perf_counter() - started
         return {"server": "xlab-deploy", "ready_s": ready,
                 "load": measure(url + "/v1", yaml.safe_load(recipe.read_text())["name"])}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 def main() -> None:
@@ -110,7 +102,7 @@ def main() -> None:
     if not args.kit_only:
         results["lmdeploy"] = lmdeploy_server(args.model, args.out)
         print(json.dumps(results["lmdeploy"]), flush=True)
-    results["kit"] = kit_server(recipe, args.out)  # first start: runs and records the env check
+    results["kit"] = kit_measured(recipe, args.out)  # first start: runs and records the env check
     print(json.dumps(results["kit"]), flush=True)
     results["cold_start"] = [one_run(recipe, ROOT, args.out / f"cold-{i}.log") for i in range(2)]
     print(json.dumps(results["cold_start"]), flush=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,10 +21,8 @@ import openai
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cold_start import free_port  # noqa: E402
+from cold_start import kit_server  # noqa: E402
 from gpu_overhead import measure, wait_ready  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve_tp(model: Path, tp: int, out: Path) -> dict:
@@ -37,13 +33,8 @@ def serve_tp(model: Path, tp: int, out: Path) -> dict:
         "engine": {"backend": "lmdeploy-pytorch", "dtype": "float16", "session_len": 4096,
                    "max_batch_size": 64, "cache_max_entry_count": 0.2, "tp": tp},
         "serve": {"mode": "api"}}))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    with (out / f"{name}.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port",
-                                 str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with kit_server(recipe, out / f"{name}.log") as (url, proc):
         wait_ready(url, proc, "/health")
         ready = time.perf_counter() - started
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
@@ -60,9 +51,6 @@ def serve_tp(model: Path, tp: int, out: Path) -> dict:
                 "engine_memory": {k: memory["engine"].get(k) for k in
                                   ("kv_blocks", "kv_capacity_tokens", "kv_cache_bytes", "settings")},
                 "load": measure(url + "/v1", name)}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 def main() -> None:
