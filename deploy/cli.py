@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.model_source import ModelSourceError
+from deploy.build.sources import ModelSourceError
 from deploy.recipe import RecipeError, json_schema, load_recipe
 
 log = logging.getLogger("deploy")
@@ -50,7 +50,7 @@ def schema(out: Path | None) -> int:
 def build(recipe: Path, dry_run: bool) -> int:
     """Build the recipe's model: fetch, quantize, verify (quality gate), publish. Reruns skip
     finished steps; a killed build resumes."""
-    from deploy.builder import build as run_build
+    from deploy.build.pipeline import build as run_build
 
     result = run_build(load_recipe(recipe), publish_dry_run=dry_run)
     print(f"model ready: {result.model_dir}")
@@ -59,9 +59,9 @@ def build(recipe: Path, dry_run: bool) -> int:
 
 def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> int:
     """Predict from config.json alone whether the recipe fits a GPU, and with what KV budget."""
-    from deploy.model_source import model_config
-    from deploy.planner import plan as make_plan
-    from deploy.planner import render
+    from deploy.build.sources import model_config
+    from deploy.capacity.planner import plan as make_plan
+    from deploy.capacity.planner import render
 
     loaded = load_recipe(recipe)
     result = make_plan(loaded, model_config(loaded), gpu, sessions)
@@ -72,7 +72,7 @@ def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> 
 def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, profile: str | None,
           force: bool, report_only: bool) -> int:
     """Benchmark a matrix of settings (memory, speed, serving latency, quality) into one report."""
-    from deploy.bench import run_bench
+    from deploy.bench.runner import run_bench
 
     report = run_bench(recipe, tasks, settings.split(",") if settings else None, out, profile, force,
                        report_only)
@@ -83,8 +83,8 @@ def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, pro
 def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int) -> int:
     """Container images from the recipe: write the build context, build it, run it, or write a
     compose file for several replicas behind LMDeploy's proxy."""
-    from deploy import image as images
-    from deploy.builder import built_model_dir
+    from deploy.build.manifest import built_model_dir
+    from deploy.package import image as images
 
     loaded = load_recipe(recipe)
     folder = built_model_dir(loaded) if images.needs_weights(loaded) and action != "compose" else None
@@ -108,7 +108,7 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
 def app(recipe: Path, out: Path) -> int:
     """Write the OpenXLab app bundle for the recipe: app.py, requirements.txt, packages.txt,
     README.md with OpenXLab's front matter, recipe.yaml and the kit."""
-    from deploy.app_bundle import write_bundle
+    from deploy.package.app_bundle import write_bundle
 
     print(f"app bundle: {write_bundle(load_recipe(recipe), out)}; run it with `python app.py` there")
     return 0
@@ -121,7 +121,7 @@ def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
     loaded = load_recipe(recipe)
     if loaded.serve.mode == "chat":
         return chat(recipe)
-    from deploy.server import run
+    from deploy.serve.server import run
 
     run(loaded, host=host, port=port)
     return 0
@@ -129,8 +129,8 @@ def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
 
 def chat(recipe: Path) -> int:
     """Chat with the recipe's model in this terminal."""
-    from deploy.assistant import Assistant
-    from deploy.terminal_chat import chat_loop
+    from deploy.serve.assistant import Assistant
+    from deploy.serve.terminal_chat import chat_loop
 
     with Assistant.from_recipe(recipe) as assistant:
         chat_loop(assistant)
@@ -239,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # Failures a user can act on carry a message that says how; anything else is a bug.
-        from deploy.bench import BenchError
-        from deploy.builder import BuildError, QualityGateError
-        from deploy.image import ImageError
-        from deploy.publish import PublishError
+        from deploy.bench.runner import BenchError
+        from deploy.build.pipeline import BuildError, QualityGateError
+        from deploy.build.publish import PublishError
+        from deploy.package.image import ImageError
 
         if isinstance(exc, BuildError | QualityGateError | PublishError | ImageError | BenchError
                       | OSError):

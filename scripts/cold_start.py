@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,13 +20,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+from deploy.serve.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

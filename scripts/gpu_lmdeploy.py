@@ -18,13 +18,14 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from deploy.serve.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -48,16 +49,10 @@ def recipe_for(name: str, model: Path, setting: dict, ratio: float, session_len:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ensure_awq(model: Path, awq_dir: Path, out: Path) -> float | None:
     if (awq_dir / "config.json").is_file():
         return None
-    from deploy.quantize import awq_quantize
+    from deploy.build.quantize import awq_quantize
     from deploy.recipe import parse_recipe
 
     recipe = parse_recipe(recipe_for("awq", model, SETTINGS["awq"], 0.2, 4096))

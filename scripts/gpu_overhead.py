@@ -1,7 +1,7 @@
 """The kit's serving overhead against `lmdeploy serve api_server`, and cold start, on one GPU.
 
 Both servers get the same model and settings (LMDeploy PyTorch engine, cache ratio 0.2,
-session_len 4096, max_batch_size 64) and the same client (deploy/load_test.py, the benchmark's):
+session_len 4096, max_batch_size 64) and the same client (deploy/bench/load.py, the benchmark's):
 streaming chat completions at concurrency 1 and 64, after a warm-up wave. Then the kit's server is
 started twice more from cold to time start -> first token (the second start skips LMDeploy's
 environment check, which the first recorded as passed).
@@ -26,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cold_start import free_port, kit_server, one_run  # noqa: E402
 
-from deploy.load_test import run_load  # noqa: E402
+from deploy.bench.load import run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a long essay about the history of the printing press and its effect on Europe."

@@ -13,8 +13,8 @@ import platform
 import statistics
 import time
 
-from deploy.assistant import Assistant
 from deploy.engines import GenerationParams
+from deploy.serve.assistant import Assistant
 
 PROMPTS = [
     "What is the capital of France?",

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from deploy.planner import plan
+from deploy.capacity.planner import plan
 from deploy.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

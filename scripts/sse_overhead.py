@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from deploy.assistant import Assistant  # noqa: E402
 from deploy.engines import Delta, Engine, EngineMemory, GenerationParams  # noqa: E402
 from deploy.recipe import parse_recipe  # noqa: E402
-from deploy.server import ServerThread, create_app  # noqa: E402
+from deploy.serve.assistant import Assistant  # noqa: E402
+from deploy.serve.server import ServerThread, create_app  # noqa: E402
 
 
 class InstantEngine(Engine):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.server import ServerThread
+from deploy.serve.server import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = ROOT / "recipes" / "smollm2-cpu.yaml"
@@ -22,7 +22,7 @@ def recipe():
 
 @pytest.fixture(scope="session")
 def assistant(recipe):
-    from deploy.assistant import Assistant
+    from deploy.serve.assistant import Assistant
 
     with Assistant.from_recipe(recipe) as loaded:
         yield loaded
@@ -34,7 +34,7 @@ LiveServer = ServerThread
 
 @pytest.fixture(scope="session")
 def api_server(recipe, assistant):
-    from deploy.server import create_app
+    from deploy.serve.server import create_app
 
     with LiveServer(create_app(recipe, assistant, ui=False)) as live:
         yield live
@@ -42,7 +42,7 @@ def api_server(recipe, assistant):
 
 @pytest.fixture(scope="session")
 def gradio_server(recipe, assistant, tmp_path_factory):
-    from deploy.server import create_app
+    from deploy.serve.server import create_app
 
     with LiveServer(create_app(recipe, assistant, ui=True)) as live:
         live.screenshot_path = tmp_path_factory.mktemp("ui") / "gradio.png"

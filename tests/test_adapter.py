@@ -14,10 +14,10 @@ import torch
 import yaml
 from conftest import LiveServer
 
-from deploy.assistant import Assistant
-from deploy.builder import build, work_dir
-from deploy.model_source import bundled_model_dir
+from deploy.build.pipeline import build, work_dir
+from deploy.build.sources import bundled_model_dir
 from deploy.recipe import RecipeError, load_recipe
+from deploy.serve.assistant import Assistant
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is the capital of France?"
@@ -66,7 +66,7 @@ def test_merged_adapter_changes_the_greedy_answer_and_serves(merged, assistant):
     with Assistant.from_recipe(recipe) as tuned:
         tuned_answer = tuned.chat(QUESTION, max_tokens=16)
         assert tuned_answer and tuned_answer != base_answer
-        from deploy.server import create_app
+        from deploy.serve.server import create_app
 
         with LiveServer(create_app(recipe, tuned, ui=False)) as live:
             client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)

@@ -4,7 +4,6 @@ the Gradio page and /memory from the vendored kit."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import yaml
+
+from deploy.serve.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +24,7 @@ def test_bundle_runs_and_serves(tmp_path):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     for name in ("app.py", "requirements.txt", "packages.txt", "README.md", "recipe.yaml",
-                 "deploy/server.py", "model/config.json"):
+                 "deploy/serve/server.py", "model/config.json"):
         assert (out / name).is_file(), name
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\ntitle: SmolLM2 assistant (CPU)\n") and "sdk: gradio" in readme
@@ -33,9 +34,7 @@ def test_bundle_runs_and_serves(tmp_path):
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["source"] == "local" and recipe["serve"]["mode"] == "gradio"
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (tmp_path / "app.log").open("w")
     env = {**os.environ, "XLAB_DEPLOY_HOST": "127.0.0.1", "XLAB_DEPLOY_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=out, env=env, stdout=log,

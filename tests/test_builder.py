@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import LiveServer, in_ci
 
-from deploy.builder import build, read_manifest, work_dir
+from deploy.build.pipeline import build, read_manifest, work_dir
 from deploy.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +61,8 @@ def test_build_records_every_step_and_passes_the_gate(built):
 
 
 def test_built_model_serves_with_4bit_weights(built, assistant):
-    from deploy.assistant import Assistant
     from deploy.engines import GenerationParams
+    from deploy.serve.assistant import Assistant
 
     recipe, _ = built
     with Assistant.from_recipe(recipe) as quantized:
@@ -137,7 +137,7 @@ def test_publish_to_hugging_face_through_a_local_stand_in(built, tmp_path, monke
                                                           capfd):
     from fake_hub import create_fake_hub
 
-    from deploy.publish import publish
+    from deploy.build.publish import publish
 
     recipe, result = built
     token = "hf_" + "t0ken" * 8
@@ -178,7 +178,7 @@ def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, mo
         if in_ci():
             pytest.fail("git-lfs is missing in CI: .ci/run must install it")
         pytest.skip("git-lfs is not installed (apt-get install git-lfs)")
-    from deploy.publish import publish
+    from deploy.build.publish import publish
 
     recipe, result = built
     remote_root = tmp_path / "remotes"
@@ -211,7 +211,7 @@ def test_full_disk_during_quantize_says_what_to_do_and_leaves_no_partial_output(
 
     import torch
 
-    from deploy.builder import BuildError
+    from deploy.build.pipeline import BuildError
 
     recipe = load_recipe(write_recipe(tmp_path, "test-build-full-disk"))
 
@@ -248,7 +248,7 @@ def test_unwritable_cache_is_a_sentence_not_a_traceback(tmp_path):
 def test_refused_writes_name_the_path_and_the_way_out(code, tmp_path):
     import errno
 
-    from deploy.builder import write_problem
+    from deploy.build.pipeline import write_problem
 
     exc = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/models/x/config.json")
     message = write_problem(exc, "fetch", tmp_path)
@@ -261,7 +261,7 @@ def test_refused_writes_name_the_path_and_the_way_out(code, tmp_path):
 def test_full_disk_outside_the_kits_cache_names_that_folder(tmp_path, monkeypatch):
     import errno
 
-    from deploy.builder import write_problem
+    from deploy.build.pipeline import write_problem
 
     monkeypatch.setenv("XLAB_DEPLOY_HOME", str(tmp_path / "kit"))
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hf" / "blob"))

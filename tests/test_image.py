@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import image as images
+from deploy.package import image as images
 from deploy.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def test_cpu_context_for_the_default_recipe(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
     ctx = images.build_context(recipe, tmp_path / "ctx")
     assert (ctx / "Dockerfile").read_text() == (ROOT / "docker" / "Dockerfile.cpu").read_text()
-    assert (ctx / "deploy" / "server.py").is_file() and not list(ctx.rglob("__pycache__"))
+    assert (ctx / "deploy" / "serve" / "server.py").is_file() and not list(ctx.rglob("__pycache__"))
     reqs = (ctx / "requirements.txt").read_text().splitlines()
     assert any(r.startswith("torch") for r in reqs) and any(r.startswith("fastapi") for r in reqs)
     inner = load_recipe(ctx / "recipe.yaml", check_files=False)

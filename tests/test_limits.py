@@ -20,7 +20,7 @@ QUESTION = {"model": "smollm2-cpu", "messages": [{"role": "user", "content": "Te
 
 @pytest.fixture
 def limited(recipe, assistant):
-    from deploy.server import create_app
+    from deploy.serve.server import create_app
 
     tight = recipe.model_copy(deep=True)
     tight.serve.max_pending = 1

@@ -6,10 +6,11 @@ import importlib.util
 
 import pytest
 
-from deploy.engines import load_engine, pick_backend
-from deploy.engines.lmdeploy_engine import engine_config_kwargs, kv_blocks_for, tp_executor
+from deploy.engines import engine_config, load_engine
+from deploy.engines.lmdeploy_engine import engine_config_kwargs as config_kwargs
+from deploy.engines.lmdeploy_engine import kv_blocks_for, tp_executor
+from deploy.engines.sizing import kv_bytes_per_token
 from deploy.recipe import RecipeError, parse_recipe
-from deploy.sizing import kv_bytes_per_token
 
 # InternLM2-chat-7B's attention shape and Llama-2-7B's.
 INTERNLM2 = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -19,6 +20,11 @@ LLAMA2 = {"num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 409
 
 def recipe(**sections):
     return parse_recipe(sections)
+
+
+def engine_config_kwargs(r, backend, model_config):
+    """The recipe -> engine config -> LMDeploy settings path, as the kit runs it."""
+    return config_kwargs(engine_config(r, backend), model_config)
 
 
 def test_kv_bytes_per_token_anchors():
@@ -86,7 +92,7 @@ NO_LMDEPLOY = pytest.mark.skipif(importlib.util.find_spec("lmdeploy") is not Non
 @NO_LMDEPLOY
 def test_auto_falls_back_to_transformers_without_lmdeploy_or_gpu(caplog):
     caplog.set_level("INFO")
-    assert pick_backend(recipe(engine={"backend": "auto"})) == "transformers"
+    assert engine_config(recipe(engine={"backend": "auto"})).backend == "transformers"
     assert "engine.backend auto -> transformers" in caplog.text
 
 
@@ -94,13 +100,13 @@ def test_auto_falls_back_to_transformers_without_lmdeploy_or_gpu(caplog):
 def test_lmdeploy_backend_without_gpu_says_what_to_do(tmp_path):
     r = recipe(engine={"backend": "lmdeploy-pytorch", "tp": 2})
     with pytest.raises(RecipeError, match="lmdeploy-pytorch"):
-        load_engine(r, tmp_path)
+        load_engine(engine_config(r), tmp_path)
 
 
 def test_quantized_recipe_on_transformers_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="quantization.kv_cache 'int8'"):
-        load_engine(recipe(engine={"backend": "transformers"}, quantization={"kv_cache": "int8"}),
-                    tmp_path)
+        load_engine(engine_config(recipe(engine={"backend": "transformers"},
+                                         quantization={"kv_cache": "int8"})), tmp_path)
 
 
 def test_tp_beyond_visible_gpus_is_refused():
@@ -120,7 +126,7 @@ def test_memory_report_with_tp_gives_kv_bytes_per_gpu(tmp_path):
 
     engine = LMDeployEngine.__new__(LMDeployEngine)  # no GPU here: only the report's arithmetic
     engine.name, engine.model_dir, engine.session_len = "lmdeploy-pytorch", tmp_path, 4096
-    engine.recipe, engine.model_config = recipe(engine={"tp": 2}), LLAMA2
+    engine.engine_config, engine.model_config = engine_config(recipe(engine={"tp": 2})), LLAMA2
     (tmp_path / "model.safetensors").write_bytes(b"0" * 100)
     engine._engine = SimpleNamespace(backend_config=SimpleNamespace(
         num_gpu_blocks=914, block_size=64, tp=2, cache_max_entry_count=0.2, quant_policy=0))

@@ -45,8 +45,8 @@ def gpu_recipe():
 
 
 def test_lmdeploy_streams_batches_and_reports_kv(gpu_recipe):
-    from deploy.assistant import Assistant
     from deploy.engines import GenerationParams
+    from deploy.serve.assistant import Assistant
 
     prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
     # Each request asks for its own length, so per-request accounting shows through batching.

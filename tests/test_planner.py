@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.planner import parse_gpu, plan
+from deploy.capacity.planner import parse_gpu, plan
+from deploy.engines.sizing import kv_bytes_per_token, weight_bytes
 from deploy.recipe import RecipeError, parse_recipe
-from deploy.sizing import kv_bytes_per_token, weight_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "deploy" / "data" / "configs"

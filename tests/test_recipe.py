@@ -118,5 +118,10 @@ def test_cli_schema_is_json_schema_of_the_recipe(tmp_path):
     schema = json.loads(out.read_text())
     assert schema["additionalProperties"] is False
     assert set(schema["properties"]) == {
-        "name", "model", "quantization", "engine", "serve", "target", "docker", "publish"
+        "name", "model", "quantization", "engine", "serve", "docker", "publish"
     }
+
+
+def test_removed_target_field_says_what_to_do():
+    with pytest.raises(RecipeError, match=r"target: this field was removed .* the verb picks"):
+        parse_recipe({"target": "local"})

@@ -1,4 +1,4 @@
-from deploy.scoring import rouge_l, score
+from deploy.bench.scoring import rouge_l, score
 
 
 def test_exact_and_contains_ignore_case_and_punctuation():

@@ -97,7 +97,7 @@ def test_prompt_over_session_len_names_the_limit(client, recipe):
 def test_api_key_guards_v1_and_memory(recipe, assistant, monkeypatch):
     from conftest import LiveServer
 
-    from deploy.server import create_app
+    from deploy.serve.server import create_app
 
     monkeypatch.setenv("TEST_XLAB_KEY", "s3cret-value")
     keyed = recipe.model_copy(deep=True)

@@ -1,12 +1,16 @@
-"""Engines behind one interface (see base.py); `load_engine` picks and builds one for a recipe."""
+"""Stage 3, the engines: one interface (base.py) with a transformers and an LMDeploy engine behind
+it. `load_engine` builds the one an `EngineConfig` (config.py) asks for.
+
+Engines never import the build, serve, bench, capacity or package stages, and read no recipe: only
+config.py knows the recipe's schema (tests/test_layers.py checks both).
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from pathlib import Path
 
 from deploy.engines.base import (
+    HQQ_MARKER,
     Delta,
     Engine,
     EngineMemory,
@@ -14,73 +18,43 @@ from deploy.engines.base import (
     Message,
     PromptTooLongError,
 )
-from deploy.recipe import Recipe, RecipeError, chat_template_text
+from deploy.engines.config import EngineConfig, engine_config, pick_backend
+from deploy.engines.hardware import lmdeploy_installed, visible_gpus
+from deploy.recipe.errors import RecipeError
 
 __all__ = [
+    "HQQ_MARKER",
     "Delta",
     "Engine",
+    "EngineConfig",
     "EngineMemory",
     "GenerationParams",
     "Message",
     "PromptTooLongError",
+    "engine_config",
     "load_engine",
-    "pick_backend",
     "lmdeploy_problem",
+    "pick_backend",
     "visible_gpus",
 ]
 
-log = logging.getLogger(__name__)
 
-
-def pick_backend(recipe: Recipe) -> str:
-    """The backend `auto` resolves to on this machine, logged with the reason."""
-    if recipe.engine.backend != "auto":
-        return recipe.engine.backend
-    backend, why = _auto_backend()
-    log.info("engine.backend auto -> %s (%s)", backend, why)
-    return backend
-
-
-def _auto_backend() -> tuple[str, str]:
-    if importlib.util.find_spec("lmdeploy") is None:
-        return "transformers", "LMDeploy is not installed"
-    gpus = visible_gpus()
-    if gpus == 0:
-        return "transformers", "no CUDA GPU is visible"
-    from lmdeploy import turbomind
-
-    if turbomind.is_available():
-        return "lmdeploy-turbomind", "TurboMind's native module loads"
-    return "lmdeploy-pytorch", f"TurboMind is unavailable here ({turbomind._import_error})"
-
-
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def load_engine(recipe: Recipe, model_dir: Path) -> Engine:
-    backend = pick_backend(recipe)
-    if backend == "transformers":
-        _refuse_unsupported_on_transformers(recipe, model_dir)
+def load_engine(config: EngineConfig, model_dir: Path) -> Engine:
+    if config.backend == "transformers":
+        _refuse_unsupported_on_transformers(config, model_dir)
         from deploy.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(
-            model_dir,
-            dtype=recipe.engine.dtype,
-            session_len=recipe.engine.session_len,
-            chat_template=chat_template_text(recipe),
-        )
-    check_lmdeploy_can_run(recipe, backend)
+        return TransformersEngine(model_dir, dtype=config.dtype, session_len=config.session_len,
+                                  chat_template=config.chat_template)
+    check_lmdeploy_can_run(config)
     from deploy.engines.lmdeploy_engine import LMDeployEngine
 
-    return LMDeployEngine(model_dir, recipe, backend)
+    return LMDeployEngine(model_dir, config)
 
 
-def check_lmdeploy_can_run(recipe: Recipe, backend: str) -> None:
-    installed = importlib.util.find_spec("lmdeploy") is not None
-    problem = lmdeploy_problem(backend, recipe.engine.tp, installed, visible_gpus() if installed else 0)
+def check_lmdeploy_can_run(config: EngineConfig) -> None:
+    installed = lmdeploy_installed()
+    problem = lmdeploy_problem(config.backend, config.tp, installed, visible_gpus() if installed else 0)
     if problem:
         raise RecipeError(problem)
 
@@ -99,17 +73,14 @@ def lmdeploy_problem(backend: str, tp: int, installed: bool, gpus: int) -> str |
     return None
 
 
-def _refuse_unsupported_on_transformers(recipe: Recipe, model_dir: Path) -> None:
-    q = recipe.quantization
-    if q.kv_cache != "none":
+def _refuse_unsupported_on_transformers(config: EngineConfig, model_dir: Path) -> None:
+    if config.kv_cache != "none":
         raise RecipeError(
-            f"quantization.kv_cache {q.kv_cache!r} is served by LMDeploy on a GPU; the transformers "
-            "engine runs an unquantized KV cache. Set quantization.kv_cache: none, or use an "
-            "lmdeploy backend on a GPU."
+            f"quantization.kv_cache {config.kv_cache!r} is served by LMDeploy on a GPU; the "
+            "transformers engine runs an unquantized KV cache. Set quantization.kv_cache: none, or "
+            "use an lmdeploy backend on a GPU."
         )
-    from deploy.quantize import HQQ_MARKER
-
-    if q.weights != "none" and not (Path(model_dir) / HQQ_MARKER).is_file():
+    if config.weights != "none" and not (Path(model_dir) / HQQ_MARKER).is_file():
         raise RecipeError(
             f"quantization.weights 'w4a16' needs quantized weights, and {model_dir} holds none: run "
             "`python -m deploy build RECIPE` first (make deploy does)."

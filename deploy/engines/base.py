@@ -14,6 +14,10 @@ from typing import Literal
 
 Message = dict[str, str]  # OpenAI-style: {"role": "user", "content": "..."}
 
+# The file hqq's save_quantized writes: its presence marks a folder of HQQ 4-bit weights, which the
+# builder makes (deploy/build/quantize.py) and the transformers engine loads.
+HQQ_MARKER = "qmodel.pt"
+
 
 class PromptTooLongError(ValueError):
     """The prompt does not leave room for an answer inside the engine's session length."""

@@ -3,7 +3,7 @@
 Requests go straight into LMDeploy's AsyncEngine on the caller's event loop, so concurrent requests
 are batched by LMDeploy's scheduler (continuous batching), not queued by the kit. The kit renders
 the prompt itself (see chat_format.py) and hands LMDeploy token ids: no template guessed from a
-folder name. `engine_config_kwargs` is the one place where recipe fields become LMDeploy settings.
+folder name. `engine_config_kwargs` is the one place where the engine config becomes LMDeploy settings.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from deploy.engines.base import (
     StopMatcher,
 )
 from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
-from deploy.recipe import Recipe, RecipeError, chat_template_text
-from deploy.sizing import kv_bytes_per_token
+from deploy.engines.config import EngineConfig
+from deploy.engines.sizing import kv_bytes_per_token
+from deploy.recipe.errors import RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ BLOCK_TOKENS = 64  # LMDeploy's default KV block: PyTorch `block_size`, TurboMin
 DEFAULT_CACHE_RATIO = 0.8  # LMDeploy's own default
 
 
-def engine_config_kwargs(recipe: Recipe, backend: str, model_config: dict) -> dict:
-    """The recipe in LMDeploy's terms, for TurbomindEngineConfig or PytorchEngineConfig."""
-    engine, quant = recipe.engine, recipe.quantization
+def engine_config_kwargs(config: EngineConfig, model_config: dict) -> dict:
+    """The engine config in LMDeploy's terms, for TurbomindEngineConfig or PytorchEngineConfig."""
+    engine = config
     if engine.dtype == "float32":
         raise RecipeError(
             "engine.dtype 'float32' is not served by LMDeploy: use auto, float16 or bfloat16."
@@ -48,10 +49,10 @@ def engine_config_kwargs(recipe: Recipe, backend: str, model_config: dict) -> di
         "session_len": engine.session_len,
         "max_batch_size": engine.max_batch_size,
         "tp": engine.tp,
-        "quant_policy": QUANT_POLICY[quant.kv_cache],
+        "quant_policy": QUANT_POLICY[config.kv_cache],
     }
-    if backend == "lmdeploy-turbomind":
-        kwargs["model_format"] = "awq" if quant.weights == "w4a16" else "hf"
+    if config.backend == "lmdeploy-turbomind":
+        kwargs["model_format"] = "awq" if config.weights == "w4a16" else "hf"
         kwargs["cache_block_seq_len"] = BLOCK_TOKENS
     else:
         # The PyTorch engine reads AWQ from the checkpoint's quantization_config; its model_format
@@ -64,8 +65,8 @@ def engine_config_kwargs(recipe: Recipe, backend: str, model_config: dict) -> di
         if engine.tp > 1:
             kwargs["distributed_executor_backend"] = tp_executor()
     if engine.kv_cache_gib is not None:
-        blocks = kv_blocks_for(engine.kv_cache_gib, model_config, quant.kv_cache, engine.tp)
-        if backend == "lmdeploy-turbomind":
+        blocks = kv_blocks_for(engine.kv_cache_gib, model_config, config.kv_cache, engine.tp)
+        if config.backend == "lmdeploy-turbomind":
             kwargs["cache_max_entry_count"] = blocks  # TurboMind: an integer > 1 is a block count
         else:
             kwargs["num_gpu_blocks"] = blocks
@@ -100,29 +101,30 @@ def kv_blocks_for(gib: float, model_config: dict, kv_cache: str, tp: int = 1) ->
     return blocks
 
 
-def lmdeploy_config(recipe: Recipe, backend: str, model_config: dict):
+def lmdeploy_config(config: EngineConfig, model_config: dict):
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
-    cls = TurbomindEngineConfig if backend == "lmdeploy-turbomind" else PytorchEngineConfig
-    return cls(**engine_config_kwargs(recipe, backend, model_config))
+    cls = TurbomindEngineConfig if config.backend == "lmdeploy-turbomind" else PytorchEngineConfig
+    return cls(**engine_config_kwargs(config, model_config))
 
 
 class LMDeployEngine(Engine):
-    def __init__(self, model_dir: Path, recipe: Recipe, backend: str):
+    def __init__(self, model_dir: Path, config: EngineConfig):
+        backend = config.backend
         self.name = backend
-        self.recipe = recipe
+        self.engine_config = config
         self.model_dir = Path(model_dir)
         self.model_config = json.loads((self.model_dir / "config.json").read_text())
-        _check_weights(recipe, self.model_config, self.model_dir)
-        trust = recipe.model.trust_remote_code
+        _check_weights(config.weights, self.model_config, self.model_dir)
+        trust = config.trust_remote_code
         started = time.perf_counter()
         # Imported before the tokenizer loads: both import transformers, and two threads
         # importing it at once fail ("cannot import name 'PretrainedConfig'", seen on the H100).
         from lmdeploy.serve.core.async_engine import AsyncEngine
 
         log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
-        self.tokenizer = load_tokenizer(self.model_dir, chat_template_text(recipe), trust)
-        self.config = lmdeploy_config(recipe, backend, self.model_config)
+        self.tokenizer = load_tokenizer(self.model_dir, config.chat_template, trust)
+        self.config = lmdeploy_config(config, self.model_config)
         log.info("LMDeploy %s config: %s", backend, self.config)
         checked = _env_check_marker(self.model_config, self.config)
         _skip_env_check(checked.exists())
@@ -194,7 +196,7 @@ class LMDeployEngine(Engine):
         cfg = self._engine.backend_config
         blocks = getattr(cfg, "num_gpu_blocks", 0) or None
         block = getattr(cfg, "block_size", None) or getattr(cfg, "cache_block_seq_len", None)
-        per_token = kv_bytes_per_token(self.model_config, self.recipe.quantization.kv_cache)
+        per_token = kv_bytes_per_token(self.model_config, self.engine_config.kv_cache)
         tokens = blocks * block if blocks and block else None
         notes = [
             "weight_bytes is the size of the checkpoint's weight files; KV bytes are computed as "
@@ -252,7 +254,7 @@ def _env_check_marker(model_config: dict, engine_config) -> Path:
 
     import torch
 
-    from deploy.model_source import cache_home
+    from deploy.cache import env_check_dir
 
     def version(name: str) -> str:
         try:
@@ -260,7 +262,7 @@ def _env_check_marker(model_config: dict, engine_config) -> Path:
         except importlib.metadata.PackageNotFoundError:
             return "-"
 
-    from deploy.memory import gpu_report
+    from deploy.engines.hardware import gpu_report
 
     # NVML, not torch.cuda: the engine runs in its own process, and a CUDA context here would
     # cost seconds of start-up and GPU memory for nothing.
@@ -268,7 +270,7 @@ def _env_check_marker(model_config: dict, engine_config) -> Path:
     key = json.dumps([version("lmdeploy"), torch.__version__, torch.version.cuda, version("transformers"),
                       version("triton"), gpus, model_config, repr(engine_config)], sort_keys=True,
                      default=str)
-    return cache_home() / "lmdeploy-env-checked" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".ok")
+    return env_check_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".ok")
 
 
 def _skip_env_check(skip: bool) -> None:
@@ -285,14 +287,14 @@ def _skip_env_check(skip: bool) -> None:
     envs.enable_check_env = not skip and envs.enable_check_env
 
 
-def _check_weights(recipe: Recipe, config: dict, model_dir: Path) -> None:
+def _check_weights(weights: str, config: dict, model_dir: Path) -> None:
     method = (config.get("quantization_config") or {}).get("quant_method")
-    if recipe.quantization.weights == "w4a16" and method != "awq":
+    if weights == "w4a16" and method != "awq":
         raise RecipeError(
             f"quantization.weights is 'w4a16' but {model_dir} holds unquantized weights: "
             "run `python -m deploy build RECIPE` to AWQ-quantize them first."
         )
-    if recipe.quantization.weights == "none" and method == "awq":
+    if weights == "none" and method == "awq":
         raise RecipeError(
             f"{model_dir} holds AWQ weights: set quantization.weights: w4a16 in the recipe."
         )

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from deploy.engines.base import (
+    HQQ_MARKER,
     Delta,
     Engine,
     EngineMemory,
@@ -28,8 +29,7 @@ from deploy.engines.base import (
     StopMatcher,
 )
 from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
-from deploy.quantize import HQQ_MARKER
-from deploy.sizing import kv_bytes_per_token
+from deploy.engines.sizing import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class TransformersEngine(Engine):
         )
         self.tokenizer = load_tokenizer(model_dir, chat_template)
         self.hqq = (Path(model_dir) / HQQ_MARKER).is_file()
-        if self.hqq:  # 4-bit weights made by the builder (deploy/quantize.py)
+        if self.hqq:  # 4-bit weights made by the builder (deploy/build/quantize.py)
             from hqq.models.hf.base import AutoHQQHFModel
 
             self.model = AutoHQQHFModel.from_quantized(str(model_dir), device=self.device,

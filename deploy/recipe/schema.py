@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from deploy.recipe.errors import RecipeError
+
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Shapes of real credentials. A recipe is committed and shared, so a value shaped like one of these
@@ -36,8 +38,11 @@ SECRET_PATTERNS = [
 ]
 
 
-class RecipeError(Exception):
-    """A problem with a recipe that the user must fix; the message says what to do."""
+# Fields that recipes once had, with what to do instead: the one place deprecations live.
+REMOVED = {
+    ("target",): "this field was removed (no command ever read it). Delete the line: the verb picks "
+                 "the target (serve: local, image: docker, app: openxlab).",
+}
 
 
 class _Section(BaseModel):
@@ -198,7 +203,6 @@ class Recipe(_Section):
     quantization: Quantization = Field(default_factory=Quantization)
     engine: Engine = Field(default_factory=Engine)
     serve: Serve = Field(default_factory=Serve)
-    target: Literal["local", "docker", "openxlab"] = "local"
     docker: Docker = Field(default_factory=Docker)
     publish: Publish = Field(default_factory=Publish)
 
@@ -310,6 +314,8 @@ def _describe(err: dict) -> str:
                      for p in loc) or "(top level)"
     kind = err["type"]
     value = err.get("input")
+    if kind == "extra_forbidden" and loc in REMOVED:
+        return f"  {field}: {REMOVED[loc]}"
     if kind == "extra_forbidden":
         allowed = _fields_at(loc[:-1])
         hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from deploy import cache
+from deploy.atomic import atomic_dir
 from deploy.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -27,12 +26,6 @@ DEFAULT_BUNDLED = "SmolLM2-135M-Instruct"
 
 class ModelSourceError(RuntimeError):
     """The model cannot be found or fetched; the message says what to do."""
-
-
-def cache_home() -> Path:
-    """The kit's cache: $XLAB_DEPLOY_HOME, else ~/.cache/xlab-deploy."""
-    home = os.environ.get("XLAB_DEPLOY_HOME")
-    return Path(home) if home else Path.home() / ".cache" / "xlab-deploy"
 
 
 def model_dir(recipe: Recipe) -> Path:
@@ -59,7 +52,7 @@ def model_config(recipe: Recipe) -> dict:
         return json.loads(path.read_text())
     if source == "bundled":
         name = recipe.model.id or DEFAULT_BUNDLED
-        cached = cache_home() / "models" / "bundled" / name / "config.json"
+        cached = cache.bundled_model_dir(name) / "config.json"
         if cached.is_file():
             return json.loads(cached.read_text())
         from transformers import AutoConfig
@@ -80,7 +73,7 @@ def model_config(recipe: Recipe) -> dict:
             log.warning("hub out of reach: using the kit's stored copy of %s's config.json",
                         recipe.model.id)
             return stored
-    cached = _openxlab_dir(recipe) / "config.json"
+    cached = cache.openxlab_model_dir(recipe.model.id) / "config.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     raise ModelSourceError(
@@ -119,7 +112,7 @@ def bundled_model_dir(name: str) -> Path:
         raise ModelSourceError(
             f"No bundled model named {name!r}; the kit bundles: {', '.join(BUNDLED)}."
         )
-    target = cache_home() / "models" / "bundled" / name
+    target = cache.bundled_model_dir(name)
     if (target / "config.json").is_file():
         return target
     gguf_dir, filename = _bundled_gguf(name)
@@ -150,18 +143,10 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # Atomic: a reader sees no folder or a complete one; another process may win the race.
+    with atomic_dir(target, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a served model is shared
-        os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
-    except OSError:
-        if not (target / "config.json").is_file():  # another process may have won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _from_huggingface(recipe: Recipe) -> Path:
@@ -202,10 +187,6 @@ def hub_errors(model_id: str, revision: str | None):
         )
 
 
-def _openxlab_dir(recipe: Recipe) -> Path:
-    return cache_home() / "models" / "openxlab" / recipe.model.id.replace("/", "--")
-
-
 def _from_openxlab(recipe: Recipe) -> Path:
     try:
         from openxlab.model import download
@@ -213,7 +194,7 @@ def _from_openxlab(recipe: Recipe) -> Path:
         raise ModelSourceError(
             "model.source 'openxlab' needs the openxlab SDK: pip install 'xlab-deploy[openxlab]'."
         )
-    target = _openxlab_dir(recipe)
+    target = cache.openxlab_model_dir(recipe.model.id)
     if not (target / "config.json").is_file():
         download(model_repo=recipe.model.id, output=str(target))
     return check_model_dir(target)

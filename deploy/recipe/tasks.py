@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from deploy.recipe import RecipeError
+from deploy.recipe.errors import RecipeError
 
 
 @dataclass(frozen=True)

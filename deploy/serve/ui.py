@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from deploy.assistant import Assistant
 from deploy.recipe import Recipe
+from deploy.serve.assistant import Assistant
 
 
 def _text(content) -> str:

@@ -1,13 +1,22 @@
-"""The memory report behind GET /memory: GPUs through NVML, this process's RSS, the engine's view."""
+"""What this machine offers the engines: LMDeploy installed or not, CUDA GPUs, and NVML's view of
+GPU memory (the memory report and LMDeploy's environment-check key read it)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import psutil
 
-from deploy.engines import Engine
-from deploy.recipe import Recipe
+
+def lmdeploy_installed() -> bool:
+    return importlib.util.find_spec("lmdeploy") is not None
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def gpu_report(pid: int | None = None) -> dict:
@@ -49,38 +58,3 @@ def _process_share(pynvml, handle, pid: int) -> int | None:
     used = [p.usedGpuMemory for p in procs if p.pid in family and p.usedGpuMemory is not None]
     # Inside a container NVML may report host pids that match none of ours: unknown, not zero.
     return sum(used) if used else None
-
-
-def memory_report(engine: Engine, recipe: Recipe) -> dict:
-    process = psutil.Process()
-    gpus = gpu_report(process.pid)
-    return {
-        **gpus,
-        "process": {"pid": process.pid, "rss_bytes": process.memory_info().rss},
-        "engine": {"backend": engine.name, **engine.memory().as_dict()},
-        "prediction": _prediction(engine, recipe, gpus["gpus"]),
-        "settings": {
-            "engine": recipe.engine.model_dump(),
-            "quantization": {
-                "weights": recipe.quantization.weights,
-                "kv_cache": recipe.quantization.kv_cache,
-            },
-        },
-    }
-
-
-def _prediction(engine: Engine, recipe: Recipe, gpus: list[dict]) -> dict:
-    """What `deploy plan` predicts for this GPU, to read beside the measured numbers."""
-    from deploy.planner import plan
-
-    if not gpus or not engine.name.startswith("lmdeploy"):
-        # Without a pre-allocated KV cache (transformers) only weights and KV per token apply.
-        from deploy.sizing import kv_bytes_per_token, weight_bytes
-
-        q, config = recipe.quantization, engine.model_config
-        return {"weight_bytes": weight_bytes(config, q.weights, recipe.engine.dtype, q.group_size),
-                "kv_bytes_per_token": kv_bytes_per_token(config, q.kv_cache)}
-    p = plan(recipe, engine.model_config, gpu_total=(gpus[0]["name"], gpus[0]["total_bytes"]))
-    keys = ("weight_bytes", "kv_bytes_per_token", "kv_blocks", "kv_capacity_tokens",
-            "kv_cache_bytes", "sessions_that_fit", "nvidia_smi_used_bytes")
-    return {k: getattr(p, k) for k in keys}

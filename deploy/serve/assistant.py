@@ -18,8 +18,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from deploy.builder import built_model_dir
-from deploy.engines import Delta, Engine, GenerationParams, Message, load_engine
+from deploy.build.manifest import built_model_dir
+from deploy.engines import Delta, Engine, GenerationParams, Message, engine_config, load_engine
 from deploy.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Assistant:
         folder = built_model_dir(recipe)
         log.info("model ready at %s (%.1fs)", folder, time.perf_counter() - started)
         started = time.perf_counter()
-        engine = load_engine(recipe, folder)
+        engine = load_engine(engine_config(recipe), folder)
         log.info("engine %s loaded (%.1fs)", engine.name, time.perf_counter() - started)
         return cls(recipe, engine)
 
@@ -104,7 +104,7 @@ class Assistant:
 
     def memory(self) -> dict:
         """The same report as GET /memory."""
-        from deploy.memory import memory_report
+        from deploy.capacity.memory import memory_report
 
         return memory_report(self.engine, self.recipe)
 

@@ -3,11 +3,10 @@ before quantization, so the fine-tuned assistant is served and quantized like an
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from deploy.atomic import atomic_dir
 from deploy.recipe import Recipe, RecipeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -23,7 +22,7 @@ def adapter_dir(recipe: Recipe) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
-        from deploy.model_source import hub_errors
+        from deploy.build.sources import hub_errors
 
         with hub_errors(value, None):
             folder = Path(snapshot_download(value))
@@ -56,9 +55,7 @@ def merge_adapter(recipe: Recipe, base_dir: Path, out_dir: Path) -> Path:
             f"{config.base_model_name_or_path!r}, and loading it said: {detail}. Use the base model "
             "the adapter was trained on."
         ) from None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as work:
         merged.save_pretrained(work, safe_serialization=True)
         # A fine-tune may ship its own tokenizer or chat template; otherwise the base's is kept.
         source = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES[:2]) else base_dir
@@ -67,8 +64,4 @@ def merge_adapter(recipe: Recipe, base_dir: Path, out_dir: Path) -> Path:
             for folder in (adapter, base_dir):
                 if (folder / extra).is_file() and not (work / extra).is_file():
                     shutil.copy(folder / extra, work / extra)
-        os.chmod(work, 0o755)
-        os.replace(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out_dir

@@ -7,7 +7,6 @@ OUT/SETTING.json, so a rerun resumes where a killed benchmark stopped.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -56,11 +55,9 @@ class BenchError(RuntimeError):
 
 
 def has_gpu() -> bool:
-    if importlib.util.find_spec("lmdeploy") is None:
-        return False
-    from deploy.engines import visible_gpus
+    from deploy.engines.hardware import lmdeploy_installed, visible_gpus
 
-    return visible_gpus() > 0
+    return lmdeploy_installed() and visible_gpus() > 0
 
 
 def setting_recipe(base: Recipe, label: str) -> Recipe:
@@ -87,8 +84,8 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
 
 def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None, out: Path,
               profile: str | None = None, force: bool = False, report_only: bool = False) -> Path:
-    from deploy.bench_report import write_report
-    from deploy.tasks import default_tasks_file, load_tasks
+    from deploy.bench.report import write_report
+    from deploy.recipe.tasks import default_tasks_file, load_tasks
 
     if report_only:  # e.g. results measured on a GPU machine, reported here
         base = load_recipe(recipe_path, check_files=False)
@@ -136,7 +133,7 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
         started = time.perf_counter()
         with console.status(f"[{number}/{len(settings)}] {label}: measuring in a fresh process ..."), \
                 (out / "logs" / f"{label}.log").open("w") as log:
-            code = subprocess.call([sys.executable, "-m", "deploy.bench_worker", str(spec_file)],
+            code = subprocess.call([sys.executable, "-m", "deploy.bench.worker", str(spec_file)],
                                    stdout=log, stderr=subprocess.STDOUT)
         if code:
             tail = (out / "logs" / f"{label}.log").read_text()[-2000:]

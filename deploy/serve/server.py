@@ -20,10 +20,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.assistant import Assistant
+from deploy.capacity.memory import memory_report
 from deploy.engines import PromptTooLongError
-from deploy.memory import memory_report
-from deploy.openai_protocol import (
+from deploy.recipe import Recipe, RecipeError
+from deploy.serve.assistant import Assistant
+from deploy.serve.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
     completion_body,
@@ -33,7 +34,6 @@ from deploy.openai_protocol import (
     sse_chunk,
     usage,
 )
-from deploy.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     if ui if ui is not None else recipe.serve.mode == "gradio":
         import gradio as gr  # imported only when the UI is served: it costs seconds
 
-        from deploy.ui import build_ui
+        from deploy.serve.ui import build_ui
 
         app = gr.mount_gradio_app(app, build_ui(recipe, state.ready), path="/")
     return app

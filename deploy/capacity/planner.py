@@ -14,8 +14,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
+from deploy.engines.sizing import kv_bytes_per_token, weight_bytes
 from deploy.recipe import Recipe, RecipeError
-from deploy.sizing import kv_bytes_per_token, weight_bytes
 
 GIB = 2**30
 MIB = 2**20

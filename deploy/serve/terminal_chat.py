@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from deploy.assistant import Assistant
+from deploy.serve.assistant import Assistant
 
 HELP = "Type a message. /reset starts over, /exit (or Ctrl-D) quits."
 

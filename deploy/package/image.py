@@ -1,26 +1,29 @@
 """Container images from a recipe: the build context, `docker build`/`run` through the Docker SDK,
 and a compose file for scale-out behind `lmdeploy serve proxy`.
 
-The context is generated, never hand-kept: docker/Dockerfile.{cpu,gpu}, the kit's source, its
-dependencies pinned from pyproject.toml, the recipe rewritten for the container, and the weights
-when the recipe bakes them. Secrets are passed to `docker run` by environment-variable name only.
+The context is generated, never hand-kept: docker/Dockerfile.{cpu,gpu} (shipped inside the
+package as templates/docker), the kit's source, its dependencies as the installed kit declares
+them, the recipe rewritten for the container, and the weights when the recipe bakes them.
+Secrets are passed to `docker run` by environment-variable name only.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import time
-import tomllib
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 
+from deploy.atomic import link_or_copy
 from deploy.recipe import Recipe, RecipeError
 
 console = Console(stderr=True)
-ROOT = Path(__file__).resolve().parent.parent
+KIT = Path(__file__).resolve().parent.parent  # the deploy package, installed or in a checkout
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # the repository's docker/ and app/
 CONTAINER_MODELS = "/models"
 
 
@@ -56,7 +59,6 @@ def container_recipe(recipe: Recipe) -> dict:
     data["serve"].update(host="0.0.0.0", port=container_port(recipe))
     data["quantization"]["calibration"]["file"] = None  # building happens before the image
     data["quantization"]["verify"]["tasks"] = None
-    data["target"] = "docker"
     template = data["model"]["chat_template"]
     if template and "{" not in template:  # a file path: inline it, the file is not in the image
         from deploy.recipe import chat_template_text
@@ -66,10 +68,18 @@ def container_recipe(recipe: Recipe) -> dict:
 
 
 def requirements(kind: str) -> str:
-    """The kit's dependencies from pyproject.toml; the GPU base image brings torch and LMDeploy."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    deps = [d for d in project["dependencies"] if not (kind == "gpu" and d.startswith("torch"))]
+    """The kit's own dependencies (no extras) as its installed metadata lists them, which
+    pyproject.toml wrote; the GPU base image brings torch and LMDeploy."""
+    declared = importlib.metadata.requires("xlab-deploy") or []
+    deps = [d for d in declared if "extra ==" not in d
+            and not (kind == "gpu" and d.startswith("torch"))]
     return "\n".join(deps) + "\n"
+
+
+def copy_kit(out: Path) -> None:
+    """The kit's source into `out/deploy`, without the templates or bytecode."""
+    shutil.copytree(KIT, out / "deploy",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "templates"))
 
 
 def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None) -> Path:
@@ -78,11 +88,8 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None) -
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copy(ROOT / "docker" / f"Dockerfile.{kind}", out / "Dockerfile")
-    shutil.copytree(ROOT / "deploy", out / "deploy",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, out / name)
+    shutil.copy(TEMPLATES / "docker" / f"Dockerfile.{kind}", out / "Dockerfile")
+    copy_kit(out)
     (out / "requirements.txt").write_text(requirements(kind))
     (out / "recipe.yaml").write_text(yaml.safe_dump(container_recipe(recipe), allow_unicode=True,
                                                     sort_keys=False))
@@ -97,13 +104,6 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None) -
     else:
         (models / ".keep").write_text("")  # COPY needs the folder; mounted weights land here
     return out
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # multi-GB weights: a hard link costs nothing when on the same disk
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _client():
@@ -198,7 +198,7 @@ def compose_file(recipe: Recipe, replicas: int, gpus: int | None = None) -> dict
             "environment": {"XLAB_DEPLOY_PORT": str(inner)},
             "volumes": [f"${{MODEL_DIR:?set MODEL_DIR to the built model folder}}:"
                         f"{CONTAINER_MODELS}/{recipe.name}:ro"],
-            "healthcheck": {"test": ["CMD", "python3", "-m", "deploy.healthcheck"], "interval": "30s"},
+            "healthcheck": {"test": ["CMD", "python3", "-m", "deploy.serve.healthcheck"], "interval": "30s"},
         }
         if image_kind(recipe) == "gpu":
             service["deploy"] = {"resources": {"reservations": {"devices": [

@@ -1,4 +1,4 @@
-"""One benchmark setting, measured in a fresh process: `python -m deploy.bench_worker SPEC.json`.
+"""One benchmark setting, measured in a fresh process: `python -m deploy.bench.worker SPEC.json`.
 
 Loads the setting's assistant, serves it on loopback with the kit's own server, and measures:
 start time, batch-1 decode, offline throughput, serving at each concurrency through the OpenAI API,
@@ -15,16 +15,16 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.assistant import Assistant
-from deploy.builder import build
+from deploy.bench.load import run_load
+from deploy.bench.scoring import score
+from deploy.build.gate import agreement
+from deploy.build.pipeline import build
+from deploy.capacity.memory import memory_report
 from deploy.engines import GenerationParams
-from deploy.load_test import run_load
-from deploy.memory import memory_report
 from deploy.recipe import load_recipe
-from deploy.scoring import score
-from deploy.server import ServerThread, create_app
-from deploy.tasks import load_tasks
-from deploy.verify import agreement
+from deploy.recipe.tasks import load_tasks
+from deploy.serve.assistant import Assistant
+from deploy.serve.server import ServerThread, create_app
 
 
 async def _decode(assistant: Assistant, prompt: str, tokens: int) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from deploy.engines import Engine, GenerationParams
 from deploy.engines.chat_format import encode_chat
-from deploy.tasks import Task
+from deploy.recipe.tasks import Task
 
 
 @dataclass

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from deploy.image import link_or_copy
+from deploy.atomic import link_or_copy
 from deploy.recipe import Recipe, RecipeError
-from deploy.sizing import kv_bytes_per_token
+from deploy.engines.sizing import kv_bytes_per_token
 
 console = Console(stderr=True)
 OPENXLAB_GIT = "https://code.openxlab.org.cn"

@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +23,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from deploy.model_source import cache_home, model_dir
-from deploy.recipe import Recipe, RecipeError
+from deploy.atomic import write_json
+from deploy.build.manifest import already_quantized, manifest_path, read_manifest, work_dir
+from deploy.build.sources import model_dir
+from deploy.cache import cache_home
+from deploy.recipe import Recipe
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -91,39 +92,6 @@ class BuildResult:
     manifest: dict
 
 
-def work_dir(recipe: Recipe) -> Path:
-    return cache_home() / "builds" / recipe.name
-
-
-def manifest_path(recipe: Recipe) -> Path:
-    return work_dir(recipe) / "manifest.json"
-
-
-def read_manifest(recipe: Recipe) -> dict:
-    path = manifest_path(recipe)
-    return json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.name, "steps": {}}
-
-
-def built_model_dir(recipe: Recipe) -> Path:
-    """The folder to serve: the quantized one for a quantized recipe, else the fetched one.
-    Weights published already quantized are served as fetched, with no build needed."""
-    steps = read_manifest(recipe)["steps"]
-    if recipe.quantization.weights == "none" and not recipe.model.adapter:
-        return model_dir(recipe)
-    for name in ("quantize", "merge"):  # the last step that produced a model
-        folder = steps.get(name, {}).get("outputs", {}).get("model_dir")
-        if folder and Path(folder).is_dir():
-            return Path(folder)
-    if recipe.model.source != "bundled":
-        fetched = model_dir(recipe)
-        if _already_quantized(fetched):
-            return fetched
-    raise RecipeError(
-        f"{recipe.name} merges an adapter or quantizes its weights and has not been built: run "
-        "`python -m deploy build RECIPE` first (make deploy does)."
-    )
-
-
 def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -> BuildResult:
     """Run the steps in order. `gate=False` (the benchmark, which measures quality itself) skips
     the verify step without recording it."""
@@ -165,7 +133,7 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with _writes(name, work):
-            _write_json(manifest_path(recipe), manifest)
+            write_json(manifest_path(recipe), manifest)
     final = outputs["quantize"].get("model_dir") or _source(outputs)
     return BuildResult(Path(final), manifest)
 
@@ -200,7 +168,7 @@ def _fetch(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
 def _merge(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     if not recipe.model.adapter:
         return {"skipped": "model.adapter is not set"}
-    from deploy.merge import merge_adapter
+    from deploy.build.merge import merge_adapter
 
     target = work / "merged"
     shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
@@ -214,7 +182,7 @@ def _quant_backend(recipe: Recipe) -> str | None:
         return None
     from deploy.engines import pick_backend
 
-    return "awq" if pick_backend(recipe).startswith("lmdeploy") else "hqq"
+    return "awq" if pick_backend(recipe.engine.backend).startswith("lmdeploy") else "hqq"
 
 
 def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
@@ -222,38 +190,30 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     if method is None:
         return {"skipped": "quantization.weights is none"}
     source = Path(_source(outputs))
-    if _already_quantized(source):
+    if already_quantized(source):
         return {"model_dir": str(source), "method": "prequantized"}
     target = work / f"quantized-{method}"
     shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
-    from deploy.quantize import awq_quantize, hqq_quantize
+    from deploy.build.quantize import awq_quantize, hqq_quantize
 
     (awq_quantize if method == "awq" else hqq_quantize)(recipe, source, target)
     return {"model_dir": str(target), "method": method}
 
 
-def _already_quantized(folder: Path) -> bool:
-    """Weights published already quantized (by this kit or LMDeploy) are served as they are."""
-    from deploy.quantize import HQQ_MARKER
-
-    config = json.loads((folder / "config.json").read_text())
-    return (folder / HQQ_MARKER).is_file() or "quantization_config" in config
-
-
 def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     if outputs["quantize"].get("method") in (None, "prequantized"):
         return {"skipped": "nothing was quantized here, so there is no original to compare with"}
-    from deploy.engines import load_engine
+    from deploy.engines import engine_config, load_engine
     from deploy.engines.transformers_engine import TransformersEngine
     from deploy.recipe import chat_template_text
-    from deploy.tasks import load_tasks
-    from deploy.verify import compare
+    from deploy.recipe.tasks import load_tasks
+    from deploy.build.gate import compare
 
     gate = recipe.quantization.verify
     tasks = load_tasks(recipe.resolve(gate.tasks) if gate.tasks else None, gate.prompts)
     reference = TransformersEngine(Path(_source(outputs)),
                                    chat_template=chat_template_text(recipe))
-    candidate = load_engine(recipe, Path(outputs["quantize"]["model_dir"]))
+    candidate = load_engine(engine_config(recipe), Path(outputs["quantize"]["model_dir"]))
     try:
         with _progress(len(tasks), "verify") as advance:
             result = asyncio.run(compare(reference, candidate, reference.tokenizer, tasks,
@@ -263,7 +223,7 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         reference.close()
     report = {**result.as_dict(), "min_top1_agreement": gate.min_top1_agreement,
               "max_mean_kl": gate.max_mean_kl}
-    _write_json(work / "verify.json", report)
+    write_json(work / "verify.json", report)
     if result.top1_agreement < gate.min_top1_agreement or result.mean_kl > gate.max_mean_kl:
         raise QualityGateError(
             f"The quantized model failed the quality gate: top-1 agreement "
@@ -279,7 +239,7 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
 def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool) -> dict:
     if recipe.publish.hub == "none":
         return {"skipped": "publish.hub is none"}
-    from deploy.publish import publish
+    from deploy.build.publish import publish
 
     folder = Path(outputs["quantize"].get("model_dir") or _source(outputs))
     return publish(recipe, folder, outputs.get("verify", {}), dry_run=publish_dry_run)
@@ -326,18 +286,6 @@ def _fingerprint(path: Path) -> str:
         f.seek(-(2**20), os.SEEK_END)
         digest.update(f.read())
     return f"sha256-head-tail:{digest.hexdigest()}:{size}"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _remove_leftovers(work: Path) -> None:

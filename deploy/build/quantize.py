@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+from deploy.atomic import atomic_dir
 from deploy.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
@@ -78,9 +77,7 @@ def awq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
     calib = quant.calibration
     calib_file = recipe.resolve(calib.file) if calib.file else default_calibration_file()
     text = calibration_text(calib_file)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as work:
         log.info("AWQ w4 g%d on %s, calibration %s (%d x %d tokens)", quant.group_size,
                  source_dir, calib_file, calib.samples, calib.seqlen)
         with _local_calibration(text):
@@ -96,14 +93,7 @@ def awq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
             )
         for leftover in ("inputs_stats.pth", "outputs_stats.pth"):  # calibration intermediates
             (work / leftover).unlink(missing_ok=True)
-        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a served model is shared
-        os.replace(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out_dir
-
-
-HQQ_MARKER = "qmodel.pt"  # the file hqq's save_quantized writes; its presence marks an HQQ folder
 
 
 def hqq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
@@ -121,9 +111,7 @@ def hqq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
             f"quantization.group_size {group} does not divide the model's hidden size {hidden}: "
             f"use a divisor such as {next(g for g in (128, 64, 32, 16) if hidden % g == 0)}."
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as work:
         AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=4, group_size=group),
                                       compute_dtype=torch.bfloat16, device="cpu")
         AutoHQQHFModel.save_quantized(model, str(work))
@@ -131,8 +119,4 @@ def hqq_quantize(recipe: Recipe, source_dir: Path, out_dir: Path) -> Path:
         for extra in ("generation_config.json", "chat_template.jinja"):
             if (source_dir / extra).is_file() and not (work / extra).is_file():
                 shutil.copy(source_dir / extra, work / extra)
-        os.chmod(work, 0o755)  # mkdtemp makes it owner-only; a served model is shared
-        os.replace(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out_dir

@@ -1,4 +1,4 @@
-"""`python -m deploy.healthcheck`: exit 0 when the local server reports ready, for HEALTHCHECK."""
+"""`python -m deploy.serve.healthcheck`: exit 0 when the local server reports ready, for HEALTHCHECK."""
 
 import os
 import sys

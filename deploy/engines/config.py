@@ -1,0 +1,76 @@
+"""The engine's settings, and the one function that reads them off a recipe.
+
+Engines take an `EngineConfig` and never see a recipe: this module is the single place where the
+recipe's `model:`, `quantization:` and `engine:` sections become engine settings, and where
+`engine.backend: auto` is resolved for this machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from deploy.engines.hardware import lmdeploy_installed, visible_gpus
+from deploy.recipe import Recipe, chat_template_text
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["transformers", "lmdeploy-pytorch", "lmdeploy-turbomind"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine needs to load and serve a model folder. Field names follow the recipe's, so
+    an engine's error message can name the recipe field to change."""
+
+    backend: Backend
+    dtype: str = "auto"  # auto, float16, bfloat16, float32
+    session_len: int = 4096
+    max_batch_size: int = 8
+    tp: int = 1
+    cache_max_entry_count: float | None = None  # LMDeploy: share of free memory for the KV cache
+    kv_cache_gib: float | None = None  # or an absolute KV budget
+    weights: str = "none"  # none or w4a16: the weight format the folder must hold
+    kv_cache: str = "none"  # none, int8 or int4
+    chat_template: str | None = None  # Jinja text overriding the tokenizer's own
+    trust_remote_code: bool = False
+
+
+def engine_config(recipe: Recipe, backend: str | None = None) -> EngineConfig:
+    """The recipe in engine terms; `backend` overrides the recipe's (after `auto` is resolved)."""
+    engine, quant = recipe.engine, recipe.quantization
+    return EngineConfig(
+        backend=pick_backend(backend or engine.backend),
+        dtype=engine.dtype,
+        session_len=engine.session_len,
+        max_batch_size=engine.max_batch_size,
+        tp=engine.tp,
+        cache_max_entry_count=engine.cache_max_entry_count,
+        kv_cache_gib=engine.kv_cache_gib,
+        weights=quant.weights,
+        kv_cache=quant.kv_cache,
+        chat_template=chat_template_text(recipe),
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+
+
+def pick_backend(requested: str) -> Backend:
+    """The backend `requested` resolves to on this machine; `auto` is logged with the reason."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]  # the recipe schema allows no other value
+    backend, why = _auto_backend()
+    log.info("engine.backend auto -> %s (%s)", backend, why)
+    return backend
+
+
+def _auto_backend() -> tuple[Backend, str]:
+    if not lmdeploy_installed():
+        return "transformers", "LMDeploy is not installed"
+    if visible_gpus() == 0:
+        return "transformers", "no CUDA GPU is visible"
+    from lmdeploy import turbomind
+
+    if turbomind.is_available():
+        return "lmdeploy-turbomind", "TurboMind's native module loads"
+    return "lmdeploy-pytorch", f"TurboMind is unavailable here ({turbomind._import_error})"

@@ -1,0 +1,183 @@
+"""The package's layering rules, read from the source by an AST scan of every import (function-level
+imports included; imports under `if TYPE_CHECKING:` are for type hints only and run nothing).
+
+docs/architecture.md explains the rules; this file is what holds them.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "deploy"
+
+# Which stages each stage may import. `cache` and `atomic` sit below everything and import nothing.
+ALLOWED = {
+    "recipe": set(),
+    "engines": {"recipe", "cache"},
+    "capacity": {"recipe", "engines"},
+    "build": {"recipe", "engines", "capacity", "cache", "atomic"},
+    "serve": {"recipe", "engines", "capacity", "build"},  # build: the manifest alone, see below
+    "package": {"recipe", "build", "atomic"},  # likewise
+    "bench": {"recipe", "engines", "capacity", "build", "serve"},
+    "cache": set(),
+    "atomic": set(),
+}
+TOP = {"cli", "__init__", "__main__"}  # the verbs and the public API may import any stage
+MANIFEST_ONLY = {"serve", "package"}  # they find built weights only through deploy.build.manifest
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def deploy_imports(source: str, name: str) -> list[str]:
+    """The deploy.* modules that `source` (module `name`) imports, skipping TYPE_CHECKING blocks."""
+    tree = ast.parse(source)
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for n in ast.walk(node))
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "deploy"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "deploy":
+            # `from deploy.package import image` imports the module deploy.package.image.
+            modules = [f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")]
+            found += modules if len(modules) == len(node.names) else [node.module, *modules]
+    return found
+
+
+def is_module(dotted: str) -> bool:
+    path = PACKAGE.parent / dotted.replace(".", "/")
+    return path.with_suffix(".py").is_file() or path.is_dir()
+
+
+def stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def violations(module: str, imports: list[str]) -> list[str]:
+    """Each import of `module` that breaks a rule, as a sentence."""
+    own = stage(module)
+    if own in TOP:
+        return []
+    problems = []
+    for target in imports:
+        other = stage(target)
+        if other == own:
+            continue
+        if other not in ALLOWED[own]:
+            problems.append(f"{module} imports {target}: the {own} stage may not import {other}")
+        elif own in MANIFEST_ONLY and other == "build" and target != "deploy.build.manifest":
+            problems.append(f"{module} imports {target}: {own} finds built weights only through "
+                            "deploy.build.manifest")
+        elif own == "engines" and target in ("deploy.recipe", "deploy.recipe.schema") \
+                and module != "deploy.engines.config":
+            problems.append(f"{module} imports {target}: engines take an EngineConfig; only "
+                            "deploy.engines.config reads the recipe")
+    return problems
+
+
+def graph() -> dict[str, list[str]]:
+    return {module_name(p): deploy_imports(p.read_text(), module_name(p))
+            for p in sorted(PACKAGE.rglob("*.py")) if "templates" not in p.parts}
+
+
+def test_every_stage_imports_only_what_it_may():
+    problems = [v for module, imports in graph().items() for v in violations(module, imports)]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_module_belongs_to_a_known_stage():
+    unknown = {stage(m) for m in graph()} - set(ALLOWED) - TOP
+    assert not unknown, f"add these to ALLOWED and docs/architecture.md: {unknown}"
+
+
+@pytest.mark.parametrize("source, module, expected", [
+    ("from deploy.build.pipeline import build", "deploy.engines.transformers_engine",
+     "the engines stage may not import build"),
+    ("def f():\n    from deploy.serve import server", "deploy.engines.lmdeploy_engine",
+     "the engines stage may not import serve"),
+    ("from deploy.recipe import Recipe", "deploy.engines.lmdeploy_engine", "only deploy.engines.config"),
+    ("from deploy.build.pipeline import build", "deploy.serve.assistant", "only through"),
+    ("from deploy.bench.runner import run_bench", "deploy.build.gate", "may not import bench"),
+])
+def test_the_checker_catches_a_broken_rule(source, module, expected):
+    found = violations(module, deploy_imports(source, module))
+    assert found and expected in found[0], found
+
+
+def test_type_checking_imports_do_not_count():
+    source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from deploy.serve import server\n"
+    assert deploy_imports(source, "deploy.engines.base") == []
+
+
+def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """One import cycle among the modules, as a path, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in edges.get(node, []):
+            if nxt not in edges:
+                continue
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in edges:
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(graph())
+    assert cycle is None, " -> ".join(cycle)
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
+
+
+def calls_to(name: str) -> set[str]:
+    """Files under deploy/, tests/ and scripts/ that call a function or method named `name`."""
+    files = set()
+    for folder in ("deploy", "tests", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call):
+                    func = node.func
+                    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                    if called == name:
+                        files.add(str(path.relative_to(ROOT)))
+    return files
+
+
+def definitions_of(name: str) -> set[str]:
+    files = set()
+    for folder in ("deploy", "tests", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if any(isinstance(n, ast.FunctionDef) and n.name == name
+                   for n in ast.walk(ast.parse(path.read_text()))):
+                files.add(str(path.relative_to(ROOT)))
+    return files
+
+
+def test_one_atomic_folder_helper_and_one_free_port():
+    # Temporary folders renamed into place are made in one helper, which every step uses.
+    assert calls_to("mkdtemp") - {"deploy/atomic.py"} <= {"scripts/soak.py"}  # soak: a scratch dir
+    assert definitions_of("atomic_dir") == {"deploy/atomic.py"}
+    assert definitions_of("free_port") == {"deploy/serve/ports.py"}
