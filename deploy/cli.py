@@ -80,14 +80,16 @@ def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, pro
     return 0
 
 
-def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int) -> int:
+def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int,
+          force: bool) -> int:
     """Container images from the recipe: write the build context, build it, run it, or write a
     compose file for several replicas behind LMDeploy's proxy."""
     from deploy.build.manifest import built_model_dir
     from deploy.package import image as images
 
     loaded = load_recipe(recipe)
-    folder = built_model_dir(loaded) if images.needs_weights(loaded) and action != "compose" else None
+    needs = images.needs_weights(loaded) and action != "compose"
+    folder = built_model_dir(loaded, force=force) if needs else None
     out = out or Path("build") / "docker" / loaded.name
     if action == "compose":
         out.mkdir(parents=True, exist_ok=True)
@@ -105,37 +107,44 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     return 0
 
 
-def app(recipe: Path, out: Path) -> int:
+def app(recipe: Path, out: Path, force: bool) -> int:
     """Write the OpenXLab app bundle for the recipe: app.py, requirements.txt, packages.txt,
     README.md with OpenXLab's front matter, recipe.yaml and the kit."""
     from deploy.package.app_bundle import write_bundle
 
-    print(f"app bundle: {write_bundle(load_recipe(recipe), out)}; run it with `python app.py` there")
+    bundle = write_bundle(load_recipe(recipe), out, force=force)
+    print(f"app bundle: {bundle}; run it with `python app.py` there")
     return 0
 
 
-def serve(recipe: Path | None, host: str | None, port: int | None) -> int:
+def serve(recipe: Path | None, host: str | None, port: int | None, force: bool) -> int:
     """Serve the recipe (gradio UI + API, API only, or the terminal chat, per serve.mode)."""
+    from deploy.build.manifest import check_gate
+
     if recipe is None:
         raise RecipeError("Give a recipe: python -m deploy serve RECIPE (or set XLAB_DEPLOY_RECIPE).")
     loaded = load_recipe(recipe)
+    check_gate(loaded, force=force)  # refuse before the server starts, not in its loading thread
     if loaded.serve.mode == "chat":
-        return chat(recipe)
+        return chat(recipe, force)
     from deploy.serve.server import run
 
-    run(loaded, host=host, port=port)
+    run(loaded, host=host, port=port, force=force)
     return 0
 
 
-def chat(recipe: Path) -> int:
+def chat(recipe: Path, force: bool) -> int:
     """Chat with the recipe's model in this terminal."""
     from deploy.serve.assistant import Assistant
     from deploy.serve.terminal_chat import chat_loop
 
-    with Assistant.from_recipe(recipe) as assistant:
+    with Assistant.from_recipe(recipe, force=force) as assistant:
         chat_loop(assistant)
     return 0
 
+
+# Failures a script may tell apart; any other user-facing failure exits 1, a recipe problem 2.
+EXIT_CODES = {"QualityGateError": 4, "PublishError": 5, "GateRefusal": 6}
 
 VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "bench": bench,
          "image": image, "app": app, "serve": serve, "chat": chat}
@@ -191,10 +200,12 @@ def _parser() -> argparse.ArgumentParser:
                    "(default build/docker/NAME)")
     p.add_argument("--port", type=int, help="host port for `run` (default serve.port)")
     p.add_argument("--replicas", type=int, default=2, help="API replicas for `compose`")
+    _force_flag(p)
 
     p = verbs.add_parser("app", help=app.__doc__.split(":")[0], description=app.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE")
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced if present)")
+    _force_flag(p)
 
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",
@@ -204,10 +215,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="interface to bind (default: serve.host, else $XLAB_DEPLOY_HOST)")
     p.add_argument("--port", type=int, default=_env_int("XLAB_DEPLOY_PORT"),
                    help="port (default: serve.port, else $XLAB_DEPLOY_PORT)")
+    _force_flag(p)
 
     p = verbs.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE")
+    _force_flag(p)
     return parser
+
+
+def _force_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="use quantized weights that failed the builder's quality gate or never "
+                        "met it (logged as a warning); without it they are refused with exit 6")
 
 
 def _env_int(name: str) -> int | None:
@@ -240,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Failures a user can act on carry a message that says how; anything else is a bug.
         from deploy.bench.runner import BenchError
+        from deploy.build.manifest import GateRefusal
         from deploy.build.pipeline import BuildError, QualityGateError
         from deploy.build.publish import PublishError
         from deploy.package.image import ImageError
 
         if isinstance(exc, BuildError | QualityGateError | PublishError | ImageError | BenchError
-                      | OSError):
+                      | GateRefusal | OSError):
             print(f"error: {exc}", file=sys.stderr)
-            return 4 if isinstance(exc, QualityGateError) else 5 if isinstance(exc, PublishError) else 1
+            return EXIT_CODES.get(type(exc).__name__, 1)
         raise
     except KeyboardInterrupt:
         return 130

@@ -2,6 +2,7 @@
 # Runs the kit's GPU work on the lent H100 (see ../shared/device/README.md), from the repo root:
 #   bash scripts/device_run.sh setup                 # wheels + random-weight models (tiny, 7b)
 #   bash scripts/device_run.sh gputest               # pytest -m gpu against the tiny model
+#   bash scripts/device_run.sh gate                  # AWQ build + LMDeploy quality gate, GPU memory trace
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
 #   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model
 #   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
@@ -24,6 +25,20 @@ case "${1:-setup}" in
   setup) nvidia-smi -L; model tiny; model 7b ;;
   gputest) XLAB_GPU_TEST_MODEL=$(model tiny) python3 -m pytest -q -p no:cacheprovider \
              tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py ;;
+  gate) model tiny >/dev/null
+        # GPU memory every 200 ms while the build runs: the gate's peak, one engine at a time.
+        nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 \
+          > "$OUT/gate-gpu-memory.csv" & trace=$!
+        status=0
+        python3 -m deploy build scripts/device/tiny-awq-gate.yaml > "$OUT/gate-build.log" 2>&1 || status=$?
+        kill $trace
+        echo "build exit $status" | tee -a "$OUT/gate-build.log"
+        cp "${XLAB_DEPLOY_HOME:-$HOME/.cache/xlab-deploy}/builds/tiny-awq-gate/manifest.json" "$OUT/gate-manifest.json" || true
+        serve=0
+        timeout 120 python3 -m deploy serve scripts/device/tiny-awq-gate.yaml --port 0 \
+          > "$OUT/gate-serve.log" 2>&1 || serve=$?
+        echo "serve exit $serve" | tee -a "$OUT/gate-serve.log"
+        tail -n 5 "$OUT/gate-build.log" "$OUT/gate-serve.log" ;;
   lmdeploy) python3 scripts/gpu_lmdeploy.py --model "$(model 7b)" --out "$OUT/gpu" \
              --settings "${2:-fp16,kv8,kv4,awq}" ;;
   bench) model 7b >/dev/null

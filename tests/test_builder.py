@@ -111,7 +111,8 @@ def test_failed_gate_exits_4_and_says_why(tmp_path):
     assert run.returncode == 4
     assert "failed the quality gate" in run.stderr and "mean KL" in run.stderr
     assert "Traceback" not in run.stderr
-    assert "verify" not in read_manifest(load_recipe(path))["steps"]  # a rerun checks again
+    # The verdict is recorded, so that serving can refuse these weights (tests/test_build_gate.py).
+    assert read_manifest(load_recipe(path))["steps"]["verify"]["outputs"]["passed"] is False
 
 
 def published_recipe(tmp_path, hub: str, repo: str):

@@ -152,17 +152,17 @@ def test_no_import_cycles():
     assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
 
 
-def calls_to(name: str) -> set[str]:
-    """Files under deploy/, tests/ and scripts/ that call a function or method named `name`."""
+def calls_to(qualified: str, folders=("deploy",)) -> set[str]:
+    """Files under `folders` that call `module.function` (written as module.function(...))."""
+    module, name = qualified.split(".")
     files = set()
-    for folder in ("deploy", "tests", "scripts"):
+    for folder in folders:
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Call):
-                    func = node.func
-                    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                    if called == name:
-                        files.add(str(path.relative_to(ROOT)))
+                func = node.func if isinstance(node, ast.Call) else None
+                if isinstance(func, ast.Attribute) and func.attr == name \
+                        and isinstance(func.value, ast.Name) and func.value.id == module:
+                    files.add(str(path.relative_to(ROOT)))
     return files
 
 
@@ -177,7 +177,9 @@ def definitions_of(name: str) -> set[str]:
 
 
 def test_one_atomic_folder_helper_and_one_free_port():
-    # Temporary folders renamed into place are made in one helper, which every step uses.
-    assert calls_to("mkdtemp") - {"deploy/atomic.py"} <= {"scripts/soak.py"}  # soak: a scratch dir
+    # In the kit, temporary folders and files renamed into place are made by one helper module.
+    assert calls_to("tempfile.mkdtemp") == {"deploy/atomic.py"}
+    assert calls_to("tempfile.mkstemp") == {"deploy/atomic.py"}
+    assert calls_to("os.replace") == {"deploy/atomic.py"}
     assert definitions_of("atomic_dir") == {"deploy/atomic.py"}
     assert definitions_of("free_port") == {"deploy/serve/ports.py"}

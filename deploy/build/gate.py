@@ -2,7 +2,9 @@
 
 Each prompt is answered greedily by the reference; both engines then score the same token sequence
 (prompt + that answer), and the next-token distributions are compared at every answer position.
-The builder gates on it; the benchmark reports it.
+The builder gates on it; the benchmark reports it. The reference runs first and its distributions
+are kept on the CPU, so only one model is loaded at a time: a 7B fp16 reference and its quantized
+candidate never need the GPU memory of both.
 """
 
 from __future__ import annotations
@@ -35,29 +37,57 @@ def agreement(p, q) -> tuple[int, float, int]:
     return agree, float((p.exp() * (p - q)).sum()), p.shape[0]
 
 
-async def compare(reference: Engine, candidate: Engine, tokenizer, tasks: list[Task],
-                  answer_tokens: int = 32, progress=None) -> Comparison:
+@dataclass
+class ReferenceRow:
+    """The reference's answer to one task and its next-token log-probabilities over that answer,
+    kept on the CPU so that the reference can be closed before the candidate loads."""
+
+    prompt: str
+    answer: str
+    ids: list[int]  # prompt + answer tokens
+    start: int  # the row of `logprobs`' first position in the logits of `ids`
+    logprobs: object  # a float tensor [answer tokens, vocab]
+
+
+async def reference_rows(reference: Engine, tokenizer, tasks: list[Task], answer_tokens: int = 32,
+                         progress=None) -> list[ReferenceRow]:
+    """Phase one: the reference answers each task greedily and scores its own answer."""
+    import torch
+
+    rows = []
+    params = GenerationParams(max_tokens=answer_tokens)
+    for task in tasks:
+        messages = task.messages()
+        ref = await reference.chat(messages, params)
+        prompt = encode_chat(tokenizer, messages)
+        answer = tokenizer(ref.text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        ids = prompt + answer
+        logits = (await reference.prompt_logits([ids]))[0]
+        # Rows prompt-1 .. end-1 predict the answer tokens.
+        start = len(prompt) - 1
+        rows.append(ReferenceRow(task.prompt, ref.text, ids, start,
+                                 torch.log_softmax(logits[start:len(ids) - 1].float(), dim=-1).cpu()))
+        if progress:
+            progress()
+    return rows
+
+
+async def compare_with(candidate: Engine, rows: list[ReferenceRow], tasks: list[Task],
+                       answer_tokens: int = 32, progress=None) -> Comparison:
+    """Phase two: the candidate answers the same tasks and scores the reference's sequences."""
     import torch
 
     agree = positions = 0
     kl_sum = 0.0
     answers = []
     params = GenerationParams(max_tokens=answer_tokens)
-    for task in tasks:
-        messages = task.messages()
-        ref = await reference.chat(messages, params)
-        cand = await candidate.chat(messages, params)
-        prompt = encode_chat(tokenizer, messages)
-        answer = tokenizer(ref.text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        ids = prompt + answer
-        ref_logits = (await reference.prompt_logits([ids]))[0]
-        cand_logits = (await candidate.prompt_logits([ids]))[0]
-        # Rows prompt-1 .. end-1 predict the answer tokens.
-        span = slice(len(prompt) - 1, len(ids) - 1)
-        matched, kl, count = agreement(torch.log_softmax(ref_logits[span], dim=-1),
-                                       torch.log_softmax(cand_logits[span], dim=-1))
+    for row, task in zip(rows, tasks, strict=True):
+        cand = await candidate.chat(task.messages(), params)
+        logits = (await candidate.prompt_logits([row.ids]))[0]
+        q = torch.log_softmax(logits[row.start:len(row.ids) - 1].float(), dim=-1)
+        matched, kl, count = agreement(row.logprobs, q)
         agree, kl_sum, positions = agree + matched, kl_sum + kl, positions + count
-        answers.append({"prompt": task.prompt, "original": ref.text, "quantized": cand.text})
+        answers.append({"prompt": row.prompt, "original": row.answer, "quantized": cand.text})
         if progress:
             progress()
-    return Comparison(len(tasks), positions, agree / positions, kl_sum / positions, answers)
+    return Comparison(len(rows), positions, agree / positions, kl_sum / positions, answers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import hashlib
 import logging
 import os
@@ -27,7 +28,9 @@ from deploy.atomic import write_json
 from deploy.build.manifest import already_quantized, manifest_path, read_manifest, work_dir
 from deploy.build.sources import model_dir
 from deploy.cache import cache_home
-from deploy.recipe import Recipe
+from deploy.build.quantize import default_calibration_file
+from deploy.recipe import Recipe, chat_template_text
+from deploy.recipe.tasks import default_tasks_file, load_tasks
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -94,26 +97,42 @@ class BuildResult:
 
 def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -> BuildResult:
     """Run the steps in order. `gate=False` (the benchmark, which measures quality itself) skips
-    the verify step without recording it."""
+    the verify step without recording it. One build of a recipe runs at a time."""
     work = work_dir(recipe)
     with _writes("set-up", work):
         work.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(work)
+    with _build_lock(recipe, work):
+        with _writes("set-up", work):
+            _remove_leftovers(work)  # safe now: no other build of this recipe is writing them
+        return _run_steps(recipe, work, publish_dry_run, gate)
+
+
+STEP_NAMES = ("fetch", "merge", "quantize", "verify", "publish")
+
+
+def _run_steps(recipe: Recipe, work: Path, publish_dry_run: bool, gate: bool) -> BuildResult:
     manifest = read_manifest(recipe)
     steps = [("fetch", _fetch), ("merge", _merge), ("quantize", _quantize), ("verify", _verify),
              ("publish", _publish)]
     outputs: dict = {}
+    prints: dict = {}  # each step's output folder fingerprints, as recorded
+    rerun = False  # once a step runs, every step after it runs too
     for number, (name, step) in enumerate(steps, 1):
-        inputs = _step_inputs(name, recipe, outputs)
+        inputs = _step_inputs(name, recipe, outputs, prints)
         done = manifest["steps"].get(name)
         rehearse = name == "publish" and publish_dry_run  # a dry run always shows its list
-        if done and done["inputs"] == inputs and _outputs_exist(done["outputs"]) and not rehearse:
+        if (done and not rerun and done["inputs"] == inputs and _outputs_exist(done["outputs"])
+                and not rehearse):
+            outputs[name], prints[name] = done["outputs"], done.get("fingerprints", {})
+            if done["outputs"].get("passed") is False:
+                console.print(f"[{number}/{len(steps)}] {name}: failed earlier on these same inputs")
+                raise QualityGateError(done["outputs"]["message"])
             console.print(f"[{number}/{len(steps)}] {name}: done earlier, skipped")
-            outputs[name] = done["outputs"]
             continue
         if name == "verify" and not gate:
             outputs[name] = {"skipped": "quality is measured by the caller"}
             continue
+        rerun = True
         started = time.perf_counter()
         with _writes(name, work), console.status(f"[{number}/{len(steps)}] {name} ..."):
             result = step(recipe, work, outputs, publish_dry_run=publish_dry_run)
@@ -125,15 +144,21 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -
             console.print(f"[{number}/{len(steps)}] {name}: done in {seconds:.1f}s")
         if name == "publish" and publish_dry_run:
             continue  # a dry run changes nothing, the manifest included
+        prints[name] = _fingerprints(result.get("model_dir"))
         manifest["steps"][name] = {
             "inputs": inputs,
             "outputs": result,
-            "fingerprints": _fingerprints(result.get("model_dir")),
+            "fingerprints": prints[name],
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        # What later steps recorded was made from this step's old output: it no longer holds.
+        for later in STEP_NAMES[STEP_NAMES.index(name) + 1:]:
+            manifest["steps"].pop(later, None)
         with _writes(name, work):
             write_json(manifest_path(recipe), manifest)
+        if result.get("passed") is False:
+            raise QualityGateError(result["message"])
     final = outputs["quantize"].get("model_dir") or _source(outputs)
     return BuildResult(Path(final), manifest)
 
@@ -143,22 +168,43 @@ def _source(outputs: dict) -> str:
     return outputs["merge"].get("model_dir") or outputs["fetch"]["model_dir"]
 
 
-def _step_inputs(name: str, recipe: Recipe, outputs: dict) -> dict:
-    """What a step depends on; a change reruns it and every step after it."""
-    model = recipe.model.model_dump(exclude={"system_prompt", "chat_template"})
-    quant = recipe.quantization.model_dump(exclude={"kv_cache", "verify"})
+def _step_inputs(name: str, recipe: Recipe, outputs: dict, prints: dict) -> dict:
+    """Everything a step's output depends on: the recipe fields it reads, and the fingerprints of
+    the files it reads (the previous step's output included). A change re-runs it and every step
+    after it."""
+    model, quant = recipe.model, recipe.quantization
     if name == "fetch":
-        return {"model": model}
+        local = recipe.resolve(model.path) if model.source == "local" else None
+        return {"model": model.model_dump(include={"source", "id", "path", "revision"}),
+                "files": _fingerprints(str(local)) if local else {}}
     if name == "merge":
-        adapter = recipe.model.adapter
+        adapter = model.adapter
         local = adapter and recipe.resolve(adapter).is_dir()
-        return {"fetched": outputs["fetch"], "adapter": adapter,
+        return {"fetched": outputs["fetch"], "base_files": prints["fetch"], "adapter": adapter,
+                "trust_remote_code": model.trust_remote_code, "dtype": recipe.engine.dtype,
                 "fingerprints": _fingerprints(str(recipe.resolve(adapter))) if local else {}}
+    source_files = prints["merge"] if outputs["merge"].get("model_dir") else prints["fetch"]
     if name == "quantize":
-        return {"source": _source(outputs), "quantization": quant, "backend": _quant_backend(recipe)}
+        method = _quant_backend(recipe)
+        calibration = quant.calibration
+        calibration_file = (recipe.resolve(calibration.file) if calibration.file
+                            else default_calibration_file())
+        return {"source": _source(outputs), "source_files": source_files, "method": method,
+                "weights": quant.weights, "group_size": quant.group_size,
+                "trust_remote_code": model.trust_remote_code,
+                # HQQ is data-free: only AWQ reads the calibration text.
+                "calibration": {**calibration.model_dump(), "text": _fingerprint(calibration_file)}
+                if method == "awq" else None}
     if name == "verify":
-        return {"quantized": outputs["quantize"], "verify": recipe.quantization.verify.model_dump()}
-    return {"verified": outputs["verify"], "publish": recipe.publish.model_dump()}
+        gate = quant.verify
+        tasks = recipe.resolve(gate.tasks) if gate.tasks else default_tasks_file()
+        return {"quantized": outputs["quantize"], "quantized_fingerprints": prints["quantize"],
+                "source_files": source_files, "verify": gate.model_dump(),
+                "tasks": _fingerprint(tasks), "chat_template": chat_template_text(recipe),
+                "kv_cache": quant.kv_cache, "engine": recipe.engine.model_dump(include={"backend", "dtype"}),
+                "trust_remote_code": model.trust_remote_code}
+    final = prints["quantize"] if outputs["quantize"].get("model_dir") else source_files
+    return {"verified": outputs["verify"], "files": final, "publish": recipe.publish.model_dump()}
 
 
 def _fetch(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
@@ -201,39 +247,52 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
 
 
 def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
+    """The quality gate, one model in memory at a time: the unquantized reference answers and
+    scores first, its distributions stay on the CPU, and it is closed before the candidate loads.
+    Its verdict is recorded either way; serving refuses weights that failed (manifest.check_gate)."""
     if outputs["quantize"].get("method") in (None, "prequantized"):
         return {"skipped": "nothing was quantized here, so there is no original to compare with"}
-    from deploy.engines import engine_config, load_engine
-    from deploy.engines.transformers_engine import TransformersEngine
-    from deploy.recipe import chat_template_text
-    from deploy.recipe.tasks import load_tasks
-    from deploy.build.gate import compare
-
     gate = recipe.quantization.verify
+    if not gate.enabled:
+        return {"skipped": "switched off by quantization.verify.enabled: false"}
+    from dataclasses import replace
+
+    from deploy.build.gate import compare_with, reference_rows
+    from deploy.engines import engine_config, load_engine
+
     tasks = load_tasks(recipe.resolve(gate.tasks) if gate.tasks else None, gate.prompts)
-    reference = TransformersEngine(Path(_source(outputs)),
-                                   chat_template=chat_template_text(recipe))
-    candidate = load_engine(engine_config(recipe), Path(outputs["quantize"]["model_dir"]))
+    config = engine_config(recipe)
+    # The same engine unquantized (LMDeploy fp16 on a GPU, which needs no hub code for InternLM2;
+    # transformers on a CPU, with the recipe's trust_remote_code).
+    reference = load_engine(replace(config, weights="none", kv_cache="none"), Path(_source(outputs)))
     try:
-        with _progress(len(tasks), "verify") as advance:
-            result = asyncio.run(compare(reference, candidate, reference.tokenizer, tasks,
-                                         gate.answer_tokens, advance))
+        with _progress(len(tasks), "verify: the original") as advance:
+            rows = asyncio.run(reference_rows(reference, reference.tokenizer, tasks,
+                                              gate.answer_tokens, advance))
+    finally:
+        reference.close()
+    del reference
+    gc.collect()  # the reference's weights go before the candidate's arrive
+    candidate = load_engine(config, Path(outputs["quantize"]["model_dir"]))
+    try:
+        with _progress(len(tasks), "verify: the quantized model") as advance:
+            result = asyncio.run(compare_with(candidate, rows, tasks, gate.answer_tokens, advance))
     finally:
         candidate.close()
-        reference.close()
     report = {**result.as_dict(), "min_top1_agreement": gate.min_top1_agreement,
               "max_mean_kl": gate.max_mean_kl}
     write_json(work / "verify.json", report)
-    if result.top1_agreement < gate.min_top1_agreement or result.mean_kl > gate.max_mean_kl:
-        raise QualityGateError(
-            f"The quantized model failed the quality gate: top-1 agreement "
-            f"{result.top1_agreement:.3f} (at least {gate.min_top1_agreement} needed), mean KL "
-            f"{result.mean_kl:.4f} (at most {gate.max_mean_kl} allowed) over {result.positions} "
-            f"positions. See {work / 'verify.json'} for the answers side by side. Try a smaller "
-            "quantization.group_size, or relax quantization.verify if the answers look right."
-        )
-    return {"top1_agreement": result.top1_agreement, "mean_kl": result.mean_kl,
-            "positions": result.positions, "report": str(work / "verify.json")}
+    passed = result.top1_agreement >= gate.min_top1_agreement and result.mean_kl <= gate.max_mean_kl
+    message = None if passed else (
+        f"The quantized model failed the quality gate: top-1 agreement "
+        f"{result.top1_agreement:.3f} (at least {gate.min_top1_agreement} needed), mean KL "
+        f"{result.mean_kl:.4f} (at most {gate.max_mean_kl} allowed) over {result.positions} "
+        f"positions. See {work / 'verify.json'} for the answers side by side. Try a smaller "
+        "quantization.group_size, or relax quantization.verify if the answers look right."
+    )
+    return {"passed": passed, "message": message, "top1_agreement": result.top1_agreement,
+            "mean_kl": result.mean_kl, "positions": result.positions,
+            "report": str(work / "verify.json")}
 
 
 def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool) -> dict:
@@ -292,3 +351,23 @@ def _remove_leftovers(work: Path) -> None:
     """Temporary outputs of a killed build: never complete, always safe to delete."""
     for leftover in work.glob(".*"):
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+
+
+@contextlib.contextmanager
+def _build_lock(recipe: Recipe, work: Path):
+    """One build of a recipe at a time: a second one would delete the first one's temporary
+    folders and race it for the manifest."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(work / "build.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise BuildError(
+            f"Another build of {recipe.name} is running (it holds {work / 'build.lock'}). Wait for "
+            "it to finish, then run the build again: the steps it finishes are kept."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

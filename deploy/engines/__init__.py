@@ -45,7 +45,8 @@ def load_engine(config: EngineConfig, model_dir: Path) -> Engine:
         from deploy.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(model_dir, dtype=config.dtype, session_len=config.session_len,
-                                  chat_template=config.chat_template)
+                                  chat_template=config.chat_template,
+                                  trust_remote_code=config.trust_remote_code)
     check_lmdeploy_can_run(config)
     from deploy.engines.lmdeploy_engine import LMDeployEngine
 

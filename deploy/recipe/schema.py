@@ -90,6 +90,9 @@ class Model(_Section):
 class Verify(_Section):
     """The builder's quality gate: the quantized model against the original on the same prompts."""
 
+    enabled: bool = Field(
+        True, description="false switches the gate off: quantized weights are then served unchecked."
+    )
     tasks: str | None = Field(None, description="JSONL task file; default: the kit's sample set.")
     prompts: int = Field(8, gt=0, description="How many task prompts to compare on.")
     answer_tokens: int = Field(32, gt=0, description="Greedy answer length compared per prompt.")

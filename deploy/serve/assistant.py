@@ -32,11 +32,13 @@ class Assistant:
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe | str | Path) -> Assistant:
+    def from_recipe(cls, recipe: Recipe | str | Path, *, force: bool = False) -> Assistant:
+        """The recipe's built model on its engine. Quantized weights must have passed the
+        builder's quality gate; `force=True` loads them anyway, with a warning."""
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(recipe)
         started = time.perf_counter()
-        folder = built_model_dir(recipe)
+        folder = built_model_dir(recipe, force=force)
         log.info("model ready at %s (%.1fs)", folder, time.perf_counter() - started)
         started = time.perf_counter()
         engine = load_engine(engine_config(recipe), folder)

@@ -326,15 +326,17 @@ class ServerThread:
         self.thread.join(timeout=60)
 
 
-def run(recipe: Recipe, host: str | None = None, port: int | None = None) -> None:
-    """Serve until interrupted; SIGTERM and Ctrl-C let in-flight requests finish first."""
+def run(recipe: Recipe, host: str | None = None, port: int | None = None, *, force: bool = False) -> None:
+    """Serve until interrupted; SIGTERM and Ctrl-C let in-flight requests finish first. `force`
+    serves quantized weights that failed the quality gate or never met it."""
     import uvicorn
 
     host = host or recipe.serve.host
     port = recipe.serve.port if port is None else port
     started = time.perf_counter()
     # Load the model while the server and the UI import (gradio alone takes seconds).
-    loading = concurrent.futures.ThreadPoolExecutor(1, "load").submit(Assistant.from_recipe, recipe)
+    loading = concurrent.futures.ThreadPoolExecutor(1, "load").submit(Assistant.from_recipe, recipe,
+                                                                      force=force)
     app = create_app(recipe, loading=loading)
     log.info("server built in %.1fs; serving %s on http://%s:%d (mode %s)",
              time.perf_counter() - started, recipe.name, host, port, recipe.serve.mode)

@@ -1,0 +1,101 @@
+"""A recipe's build record: its work folder, manifest.json, and the model folder to serve.
+
+Serving, images and app bundles find built weights only through `built_model_dir`, so the rules for
+which folder is "the built model", and whether it may be served, live here alone: weights this kit
+quantized are served only once the quality gate has passed on exactly those files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from deploy.build.sources import model_dir
+from deploy.cache import build_dir
+from deploy.engines import HQQ_MARKER
+from deploy.recipe import Recipe, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+class GateRefusal(RuntimeError):
+    """Quantized weights that failed the quality gate, or were never checked by it."""
+
+
+def work_dir(recipe: Recipe) -> Path:
+    return build_dir(recipe.name)
+
+
+def manifest_path(recipe: Recipe) -> Path:
+    return work_dir(recipe) / "manifest.json"
+
+
+def read_manifest(recipe: Recipe) -> dict:
+    path = manifest_path(recipe)
+    return json.loads(path.read_text()) if path.is_file() else {"recipe": recipe.name, "steps": {}}
+
+
+def built_model_dir(recipe: Recipe, *, force: bool = False) -> Path:
+    """The folder to serve: the quantized one for a quantized recipe, else the fetched one.
+    Weights published already quantized are served as fetched, with no build needed. Weights the
+    kit quantized must have passed the gate (`check_gate`); `force` serves them anyway."""
+    check_gate(recipe, force=force)
+    steps = read_manifest(recipe)["steps"]
+    if recipe.quantization.weights == "none" and not recipe.model.adapter:
+        return model_dir(recipe)
+    for name in ("quantize", "merge"):  # the last step that produced a model
+        folder = steps.get(name, {}).get("outputs", {}).get("model_dir")
+        if folder and Path(folder).is_dir():
+            return Path(folder)
+    if recipe.model.source != "bundled":
+        fetched = model_dir(recipe)
+        if already_quantized(fetched):
+            return fetched
+    raise RecipeError(
+        f"{recipe.name} merges an adapter or quantizes its weights and has not been built: run "
+        "`python -m deploy build RECIPE` first (make deploy does)."
+    )
+
+
+def already_quantized(folder: Path) -> bool:
+    """Weights published already quantized (by this kit or LMDeploy) are served as they are."""
+    config = json.loads((folder / "config.json").read_text())
+    return (folder / HQQ_MARKER).is_file() or "quantization_config" in config
+
+
+def check_gate(recipe: Recipe, *, force: bool = False) -> None:
+    """Raise GateRefusal unless the weights the build quantized passed the quality gate, checked
+    on these very files (the gate's recorded fingerprints equal the quantize step's). Reads only
+    the manifest, so it is cheap enough to run before a server starts."""
+    if recipe.quantization.weights == "none":
+        return
+    steps = read_manifest(recipe)["steps"]
+    quantize = steps.get("quantize")
+    if not quantize or quantize["outputs"].get("method") not in ("awq", "hqq"):
+        return  # not built yet (built_model_dir says so), or published already quantized
+    folder = quantize["outputs"]["model_dir"]
+    if not recipe.quantization.verify.enabled:
+        log.warning("serving %s unchecked: quantization.verify.enabled is false in the recipe", folder)
+        return
+    verify = steps.get("verify")
+    if verify is None or verify["inputs"].get("quantized_fingerprints") != quantize["fingerprints"]:
+        problem = "were never checked by the quality gate"
+        fix = "Run `python -m deploy build RECIPE` to run the gate"
+    elif not verify["outputs"].get("passed"):
+        out, gate = verify["outputs"], recipe.quantization.verify
+        problem = (f"failed the quality gate (top-1 agreement {out['top1_agreement']:.3f}, at least "
+                   f"{gate.min_top1_agreement} needed; mean KL {out['mean_kl']:.4f}, at most "
+                   f"{gate.max_mean_kl} allowed; report: {out['report']})")
+        fix = ("Try a smaller quantization.group_size and build again, or relax "
+               "quantization.verify if the answers in the report look right")
+    else:
+        return
+    if force:
+        log.warning("SERVING UNCHECKED WEIGHTS: %s %s; --force was given", folder, problem)
+        return
+    raise GateRefusal(
+        f"The quantized weights of {recipe.name} in {folder} {problem}, so they are not served. "
+        f"{fix}. To serve them anyway, pass --force, or set quantization.verify.enabled: false in "
+        "the recipe to switch the gate off."
+    )
