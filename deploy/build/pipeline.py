@@ -26,9 +26,9 @@ from rich.console import Console
 
 from deploy.atomic import write_json
 from deploy.build.manifest import already_quantized, manifest_path, read_manifest, work_dir
+from deploy.build.quantize import default_calibration_file
 from deploy.build.sources import model_dir
 from deploy.cache import cache_home
-from deploy.build.quantize import default_calibration_file
 from deploy.recipe import Recipe, chat_template_text
 from deploy.recipe.tasks import default_tasks_file, load_tasks
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 from deploy.atomic import link_or_copy
-from deploy.recipe import Recipe, RecipeError
 from deploy.engines.sizing import kv_bytes_per_token
+from deploy.recipe import Recipe, RecipeError
 
 console = Console(stderr=True)
 OPENXLAB_GIT = "https://code.openxlab.org.cn"
