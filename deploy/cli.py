@@ -47,12 +47,12 @@ def schema(out: Path | None) -> int:
     return 0
 
 
-def build(recipe: Path, dry_run: bool) -> int:
+def build(recipe: Path, dry_run: bool, overwrite: bool) -> int:
     """Build the recipe's model: fetch, quantize, verify (quality gate), publish. Reruns skip
     finished steps; a killed build resumes."""
     from deploy.build.pipeline import build as run_build
 
-    result = run_build(load_recipe(recipe), publish_dry_run=dry_run)
+    result = run_build(load_recipe(recipe), publish_dry_run=dry_run, publish_overwrite=overwrite)
     print(f"model ready: {result.model_dir}")
     return 0
 
@@ -167,7 +167,11 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("build", help=build.__doc__.split(".")[0], description=build.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE")
     p.add_argument("--dry-run", action="store_true",
-                   help="list what the publish step would upload, and upload nothing")
+                   help="show what the publish step would add, replace and keep on the remote, and "
+                   "upload nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="publish on top of a remote that someone changed since this recipe's last "
+                   "publish (its other files and history stay; nothing is ever force-pushed)")
 
     p = verbs.add_parser("plan", help=plan.__doc__, description=plan.__doc__ + " Exit 3 when the "
                          "weights do not fit.")

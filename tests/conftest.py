@@ -51,3 +51,22 @@ def gradio_server(recipe, assistant, tmp_path_factory):
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local stand-in for the Hugging Face Hub (tests/fake_hub.py), reached through HF_ENDPOINT;
+    it fails the test if it saw a call it does not serve."""
+    from fake_hub import create_fake_hub
+
+    app = create_fake_hub()
+    with LiveServer(app) as live:
+        import huggingface_hub.constants
+
+        monkeypatch.setenv("HF_ENDPOINT", live.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", live.url)
+        # The stand-in speaks git-LFS, not Xet: large files take the LFS protocol.
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        yield app
+    assert app.state.unexpected == [], "the fake hub saw calls it does not serve"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LiveServer, in_ci
+from conftest import in_ci
 
 from deploy.build.pipeline import build, read_manifest, work_dir
 from deploy.recipe import load_recipe
@@ -121,7 +121,7 @@ def published_recipe(tmp_path, hub: str, repo: str):
     return load_recipe(path)
 
 
-def test_publish_dry_run_lists_and_uploads_nothing(built, tmp_path, capsys):
+def test_publish_dry_run_lists_and_uploads_nothing(built, hub, tmp_path, capsys):
     recipe, result = built
     recipe = recipe.model_copy(deep=True)
     recipe.publish.repo = "me/never-uploaded"
@@ -129,32 +129,25 @@ def test_publish_dry_run_lists_and_uploads_nothing(built, tmp_path, capsys):
     outcome = build(recipe, publish_dry_run=True)
     err = capsys.readouterr().err
     assert "dry run: would publish to huggingface:me/never-uploaded (private)" in err
-    assert "qmodel.pt" in err and "README.md" in err
+    assert "add     qmodel.pt" in err and "add     README.md (generated model card)" in err
+    assert hub.state.repos == {}  # nothing created, nothing uploaded
     assert "publish" not in outcome.manifest["steps"] or \
         "dry_run" not in outcome.manifest["steps"]["publish"]["outputs"]
 
 
-def test_publish_to_hugging_face_through_a_local_stand_in(built, tmp_path, monkeypatch, caplog,
+def test_publish_to_hugging_face_through_a_local_stand_in(built, hub, tmp_path, monkeypatch, caplog,
                                                           capfd):
-    from fake_hub import create_fake_hub
-
     from deploy.build.publish import publish
 
     recipe, result = built
     token = "hf_" + "t0ken" * 8
     caplog.set_level("DEBUG")  # every log record, huggingface_hub's and httpx's included
-    hub = create_fake_hub()
-    with LiveServer(hub) as live:
-        monkeypatch.setenv("HF_ENDPOINT", live.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setenv("TEST_HUB_TOKEN", token)
-        import huggingface_hub.constants
-
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", live.url)
-        target = published_recipe(tmp_path, "huggingface", "me/smollm2-w4")
-        verify = result.manifest["steps"]["verify"]["outputs"]
-        outcome = publish(target, result.model_dir, verify)
+    monkeypatch.setenv("TEST_HUB_TOKEN", token)
+    target = published_recipe(tmp_path, "huggingface", "me/smollm2-w4")
+    verify = result.manifest["steps"]["verify"]["outputs"]
+    outcome = publish(target, result.model_dir, verify)
     repo = hub.state.repos["me/smollm2-w4"]
+    assert "qmodel.pt" in repo["lfs"]  # the weights took the LFS protocol
     expected = {p.name for p in result.model_dir.iterdir()} | {"README.md"}
     assert set(repo["files"]) == expected
     assert repo["files"]["qmodel.pt"] == (result.model_dir / "qmodel.pt").read_bytes()
@@ -202,6 +195,43 @@ def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, mo
     tracked = subprocess.run(["git", "lfs", "ls-files", "-n"], cwd=clone, capture_output=True,
                              text=True, check=True).stdout.split()
     assert "qmodel.pt" in tracked  # the weights travelled as LFS objects
+
+
+def test_build_records_the_publish_and_refuses_a_remote_changed_since(built, tmp_path, monkeypatch):
+    """Through the pipeline: the published head is recorded in the manifest; a remote that someone
+    else changed since then is refused (PublishError, exit 5) until --overwrite."""
+    if not shutil.which("git-lfs"):
+        if in_ci():
+            pytest.fail("git-lfs is missing in CI: .ci/run must install it")
+        pytest.skip("git-lfs is not installed (apt-get install git-lfs)")
+    from test_publish import clone, git, remote_with_history
+
+    from deploy.build.publish import PublishError
+
+    recipe, _ = built
+    remotes = tmp_path / "remotes"
+    bare, _ = remote_with_history(remotes, "me/pipeline")
+    monkeypatch.setenv("XLAB_OPENXLAB_GIT", f"file://{remotes}")
+    monkeypatch.setenv("TEST_HUB_TOKEN", "t")
+    target = recipe.model_copy(deep=True)
+    target.publish.repo, target.publish.token_env = "me/pipeline", "TEST_HUB_TOKEN"
+    target.publish.hub = "openxlab"  # after the repo: each assignment is validated
+    first = build(target)
+    head = git("rev-parse", "main", cwd=bare).strip()
+    assert first.manifest["published"]["openxlab:me/pipeline"]["head"] == head
+
+    other = clone(bare, tmp_path / "colleague")
+    (other / "NOTES.md").write_text("notes\n")
+    git("add", "-A", cwd=other)
+    git("-c", "user.name=c", "-c", "user.email=c@x", "commit", "-q", "-m", "notes", cwd=other)
+    git("push", "-q", "origin", "main", cwd=other)
+    target.publish.private = False  # a publish setting changed: the publish step runs again
+    with pytest.raises(PublishError, match="--overwrite"):
+        build(target)
+    again = build(target, publish_overwrite=True)
+    assert again.manifest["published"]["openxlab:me/pipeline"]["head"] == \
+        git("rev-parse", "main", cwd=bare).strip()
+    assert "NOTES.md" in git("ls-tree", "--name-only", "main", cwd=bare).split()
 
 
 def test_full_disk_during_quantize_says_what_to_do_and_leaves_no_partial_output(tmp_path,

@@ -95,22 +95,25 @@ class BuildResult:
     manifest: dict
 
 
-def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True) -> BuildResult:
+def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True,
+          publish_overwrite: bool = False) -> BuildResult:
     """Run the steps in order. `gate=False` (the benchmark, which measures quality itself) skips
-    the verify step without recording it. One build of a recipe runs at a time."""
+    the verify step without recording it. `publish_overwrite` publishes on top of a remote that
+    changed since the last publish. One build of a recipe runs at a time."""
     work = work_dir(recipe)
     with _writes("set-up", work):
         work.mkdir(parents=True, exist_ok=True)
     with _build_lock(recipe, work):
         with _writes("set-up", work):
             _remove_leftovers(work)  # safe now: no other build of this recipe is writing them
-        return _run_steps(recipe, work, publish_dry_run, gate)
+        return _run_steps(recipe, work, publish_dry_run, gate, publish_overwrite)
 
 
 STEP_NAMES = ("fetch", "merge", "quantize", "verify", "publish")
 
 
-def _run_steps(recipe: Recipe, work: Path, publish_dry_run: bool, gate: bool) -> BuildResult:
+def _run_steps(recipe: Recipe, work: Path, publish_dry_run: bool, gate: bool,
+               publish_overwrite: bool) -> BuildResult:
     manifest = read_manifest(recipe)
     steps = [("fetch", _fetch), ("merge", _merge), ("quantize", _quantize), ("verify", _verify),
              ("publish", _publish)]
@@ -135,7 +138,8 @@ def _run_steps(recipe: Recipe, work: Path, publish_dry_run: bool, gate: bool) ->
         rerun = True
         started = time.perf_counter()
         with _writes(name, work), console.status(f"[{number}/{len(steps)}] {name} ..."):
-            result = step(recipe, work, outputs, publish_dry_run=publish_dry_run)
+            result = step(recipe, work, outputs, publish_dry_run=publish_dry_run,
+                          publish_overwrite=publish_overwrite, manifest=manifest)
         seconds = time.perf_counter() - started
         outputs[name] = result
         if result.get("skipped"):
@@ -152,6 +156,9 @@ def _run_steps(recipe: Recipe, work: Path, publish_dry_run: bool, gate: bool) ->
             "seconds": round(seconds, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if result.get("head"):  # the remote's state after a publish, kept across rebuilds
+            manifest.setdefault("published", {})[result["target"]] = {
+                "head": result["head"], "at": manifest["steps"][name]["finished_at"]}
         # What later steps recorded was made from this step's old output: it no longer holds.
         for later in STEP_NAMES[STEP_NAMES.index(name) + 1:]:
             manifest["steps"].pop(later, None)
@@ -295,13 +302,16 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
             "report": str(work / "verify.json")}
 
 
-def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool) -> dict:
+def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool,
+             publish_overwrite: bool, manifest: dict) -> dict:
     if recipe.publish.hub == "none":
         return {"skipped": "publish.hub is none"}
     from deploy.build.publish import publish
 
     folder = Path(outputs["quantize"].get("model_dir") or _source(outputs))
-    return publish(recipe, folder, outputs.get("verify", {}), dry_run=publish_dry_run)
+    last = manifest.get("published", {}).get(f"{recipe.publish.hub}:{recipe.publish.repo}")
+    return publish(recipe, folder, outputs.get("verify", {}), dry_run=publish_dry_run,
+                   overwrite=publish_overwrite, last=last)
 
 
 class _progress:
