@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from deploy.build.sources import ModelSourceError
 from deploy.recipe import RecipeError, json_schema, load_recipe
 
@@ -81,9 +79,10 @@ def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, pro
 
 
 def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int,
-          force: bool) -> int:
+          force: bool, ca_bundle: Path | None) -> int:
     """Container images from the recipe: write the build context, build it, run it, or write a
-    compose file for several replicas behind LMDeploy's proxy."""
+    compose file for several replicas behind one proxy (nginx for the CPU image, LMDeploy's for
+    the GPU image)."""
     from deploy.build.manifest import built_model_dir
     from deploy.package import image as images
 
@@ -93,12 +92,14 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     out = out or Path("build") / "docker" / loaded.name
     if action == "compose":
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "docker-compose.yml"
-        path.write_text(yaml.safe_dump(images.compose_file(loaded, replicas), sort_keys=False))
-        print(f"wrote {path}: MODEL_DIR=... docker compose -f {path} up")
+        for name, text in images.compose_files(loaded, replicas).items():
+            (out / name).write_text(text)
+        model = "MODEL_DIR=/path/to/built/model " if images.needs_weights(loaded) else ""
+        print(f"wrote {out / 'docker-compose.yml'}; start it with: {model}"
+              f"{images.compose_command()} -f {out / 'docker-compose.yml'} up -d")
         return 0
     if action in ("context", "build"):
-        images.build_context(loaded, out, folder)
+        images.build_context(loaded, out, folder, ca_bundle=ca_bundle)
         print(f"build context: {out}")
         if action == "build":
             print(f"built {images.build_image(loaded, out)}")
@@ -204,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(default build/docker/NAME)")
     p.add_argument("--port", type=int, help="host port for `run` (default serve.port)")
     p.add_argument("--replicas", type=int, default=2, help="API replicas for `compose`")
+    p.add_argument("--ca-bundle", type=Path, help="a PEM file of extra CAs the container trusts "
+                   "(an intercepting proxy's), for downloads at run time")
     _force_flag(p)
 
     p = verbs.add_parser("app", help=app.__doc__.split(":")[0], description=app.__doc__)
@@ -267,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.build.pipeline import BuildError, QualityGateError
         from deploy.build.publish import PublishError
         from deploy.package.image import ImageError
+        from deploy.package.wheelhouse import WheelhouseError
 
         if isinstance(exc, BuildError | QualityGateError | PublishError | ImageError | BenchError
-                      | GateRefusal | OSError):
+                      | GateRefusal | WheelhouseError | OSError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CODES.get(type(exc).__name__, 1)
         raise

@@ -1,6 +1,6 @@
-"""Container images, checked without a Docker engine (none exists here): the generated build
-context, hadolint on the Dockerfiles, the compose file, and the Docker SDK calls, which go to a
-recording stand-in for the SDK client. No image is built by these tests."""
+"""Container images without a Docker engine: the generated build context, hadolint on the
+Dockerfiles, the compose files and `docker run`'s options. tests/test_containers.py builds and runs
+the images against a real engine."""
 
 from __future__ import annotations
 
@@ -34,8 +34,13 @@ def test_dockerfiles_are_hadolint_clean(name):
 
 def test_cpu_context_for_the_default_recipe(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
-    ctx = images.build_context(recipe, tmp_path / "ctx")
-    assert (ctx / "Dockerfile").read_text() == (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    ctx = images.build_context(recipe, tmp_path / "ctx", wheels=False)
+    template = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    # The bundled model is named at build time, so the image converts it once, while building.
+    assert (ctx / "Dockerfile").read_text() == template.replace(
+        'ARG BUNDLED_MODEL=""', 'ARG BUNDLED_MODEL="SmolLM2-135M-Instruct"')
+    assert any(line.startswith("torch==") and line.endswith("+cpu")
+               for line in (ctx / "requirements.txt").read_text().splitlines())
     assert (ctx / "deploy" / "serve" / "server.py").is_file() and not list(ctx.rglob("__pycache__"))
     reqs = (ctx / "requirements.txt").read_text().splitlines()
     assert any(r.startswith("torch") for r in reqs) and any(r.startswith("fastapi") for r in reqs)
@@ -48,8 +53,8 @@ def test_cpu_context_for_the_default_recipe(tmp_path):
 
 def test_gpu_context_mounts_weights_and_drops_torch(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-w4a16-kv8.yaml")
-    ctx = images.build_context(recipe, tmp_path / "ctx")
-    assert "FROM openmmlab/lmdeploy:v0.18.0-cu12" in (ctx / "Dockerfile").read_text()
+    ctx = images.build_context(recipe, tmp_path / "ctx", wheels=False)
+    assert "openmmlab/lmdeploy:v0.18.0-cu12" in (ctx / "Dockerfile").read_text()
     assert not any(r.startswith("torch") for r in (ctx / "requirements.txt").read_text().split())
     inner = yaml.safe_load((ctx / "recipe.yaml").read_text())
     assert inner["model"] == {**inner["model"], "source": "local",
@@ -64,36 +69,19 @@ def test_baked_weights_are_copied_into_the_context(tmp_path):
     (model / "model.safetensors").write_bytes(b"weights")
     recipe = parse_recipe({"name": "baked", "model": {"source": "local", "path": str(model)},
                            "docker": {"weights": "bake"}, "engine": {"backend": "transformers"}})
-    ctx = images.build_context(recipe, tmp_path / "ctx", model)
-    assert (ctx / "models" / "baked" / "model.safetensors").read_bytes() == b"weights"
+    (model / "model.safetensors").chmod(0o600)  # as a cache may leave it
+    ctx = images.build_context(recipe, tmp_path / "ctx", model, wheels=False)
+    baked = ctx / "models" / "baked" / "model.safetensors"
+    assert baked.read_bytes() == b"weights"
+    assert baked.stat().st_mode & 0o044 == 0o044  # uid 1000 in the image can read it
 
 
-class RecordingContainers:
-    """Stands in for docker.from_env().containers: records run()'s arguments, then reports the
-    container healthy, as the daemon would once /health answers."""
-
-    def __init__(self):
-        self.calls = []
-
-    def run(self, image, **kwargs):
-        self.calls.append((image, kwargs))
-        container = type("Container", (), {})()
-        container.name, container.id = kwargs["name"], "abc123"
-        container.attrs = {"State": {"Status": "running", "Health": {"Status": "healthy"}}}
-        container.reload = lambda: None
-        return container
-
-
-def test_run_passes_ports_gpus_mounts_and_secrets_by_name(tmp_path, monkeypatch):
-    containers = RecordingContainers()
-    client = type("Client", (), {"containers": containers})()
-    monkeypatch.setattr(images, "_client", lambda: client)
+def test_run_options_pass_ports_gpus_mounts_and_secrets_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_API_KEY", "s3cret")
     recipe = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-w4a16-kv8.yaml")
     recipe.serve.api_key_env = "MY_API_KEY"
-    images.run_container(recipe, tmp_path, port=9000)
-    image, kwargs = containers.calls[0]
-    assert image == "xlab-deploy/internlm2-chat-7b-w4a16-kv8:latest"
+    kwargs = images.run_options(recipe, tmp_path, 9000)
+    assert kwargs["name"] == "xlab-internlm2-chat-7b-w4a16-kv8"
     assert kwargs["ports"] == {"23333/tcp": ("127.0.0.1", 9000)}
     assert kwargs["device_requests"][0]["Capabilities"] == [["gpu"]]
     assert kwargs["volumes"] == {str(tmp_path): {"bind": "/models/internlm2-chat-7b-w4a16-kv8",
@@ -101,17 +89,33 @@ def test_run_passes_ports_gpus_mounts_and_secrets_by_name(tmp_path, monkeypatch)
     assert kwargs["environment"] == {"XLAB_DEPLOY_PORT": "23333", "MY_API_KEY": "s3cret"}
 
 
-def test_no_docker_engine_gets_a_clear_error():
+def test_no_docker_engine_gets_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     with pytest.raises(images.ImageError, match="No Docker engine is reachable"):
         images._client()
 
 
-def test_compose_puts_replicas_behind_lmdeploy_proxy():
+def test_compose_puts_gpu_replicas_behind_lmdeploy_proxy():
     recipe = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-fp16.yaml")
-    compose = images.compose_file(recipe, replicas=3, gpus=2)["services"]
-    assert set(compose) == {"proxy", "api-1", "api-2", "api-3", "register"}
-    assert compose["proxy"]["command"][:3] == ["lmdeploy", "serve", "proxy"]
-    devices = [compose[f"api-{i}"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+    compose = yaml.safe_load(images.compose_files(recipe, replicas=3, gpus=2)["docker-compose.yml"])
+    services = compose["services"]
+    assert set(services) == {"proxy", "api-1", "api-2", "api-3", "register"}
+    assert services["proxy"]["command"][:3] == ["lmdeploy", "serve", "proxy"]
+    assert services["proxy"]["ports"] == ["127.0.0.1:8000:8000"]
+    devices = [services[f"api-{i}"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
                for i in (1, 2, 3)]
     assert devices == [["0"], ["1"], ["0"]]
-    assert "http://api-3:23333" in compose["register"]["entrypoint"][-1]
+    assert "http://api-3:23333" in services["register"]["entrypoint"][-1]
+    assert services["register"]["image"] == services["proxy"]["image"]  # no extra image to pull
+
+
+def test_compose_for_the_cpu_image_uses_nginx_and_no_model_dir_for_the_bundled_model():
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    recipe.serve.api_key_env = "MY_API_KEY"
+    files = images.compose_files(recipe, replicas=2)
+    services = yaml.safe_load(files["docker-compose.yml"])["services"]
+    assert "nginx" in services["proxy"]["image"] and "lmdeploy" not in files["docker-compose.yml"]
+    assert "MODEL_DIR" not in files["docker-compose.yml"]  # the bundled model is in the image
+    assert services["api-1"]["environment"] == ["XLAB_DEPLOY_PORT=7860", "MY_API_KEY"]
+    assert services["api-1"]["stop_grace_period"] == "40s"
+    assert "server api-2:7860" in files["nginx.conf"] and "proxy_buffering off" in files["nginx.conf"]

@@ -46,7 +46,8 @@ def test_installed_wheel_builds_an_app_bundle_and_an_image_context(tmp_path):
     run = kit("image", "context", recipe, "--out", "ctx")
     assert run.returncode == 0, run.stderr
     ctx = work / "ctx"
-    assert (ctx / "Dockerfile").read_text() == (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert (ctx / "Dockerfile").read_text().startswith((ROOT / "docker" / "Dockerfile.cpu").read_text()[:400])
+    assert any(w.name.startswith("torch-") for w in (ctx / "wheels").iterdir())  # the wheelhouse
     requirements = (ctx / "requirements.txt").read_text().split()
     assert any(r.startswith("fastapi") for r in requirements)
     assert not any("extra ==" in r for r in requirements)

