@@ -10,6 +10,11 @@ import os
 import sys
 from pathlib import Path
 
+if sys.version_info < (3, 11):
+    sys.exit(f"This app needs Python 3.11 or newer (its pinned packages do: transformers, fastapi), "
+             f"and this is Python {sys.version.split()[0]}. Pick a Python 3.11+ runtime for the app, "
+             "or build the bundle with pins for your runtime.")
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the vendored kit wins over any installed copy
 

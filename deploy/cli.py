@@ -87,7 +87,9 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     from deploy.package import image as images
 
     loaded = load_recipe(recipe)
-    needs = images.needs_weights(loaded) and action != "compose"
+    # The built folder is needed to bake it into the image, or to mount it at `run`.
+    baked = loaded.docker.weights == "bake" and action in ("context", "build")
+    needs = images.needs_weights(loaded) and (baked or action == "run")
     folder = built_model_dir(loaded, force=force) if needs else None
     out = out or Path("build") / "docker" / loaded.name
     if action == "compose":
@@ -115,6 +117,16 @@ def app(recipe: Path, out: Path, force: bool) -> int:
 
     bundle = write_bundle(load_recipe(recipe), out, force=force)
     print(f"app bundle: {bundle}; run it with `python app.py` there")
+    return 0
+
+
+def app_try(bundle: Path, port: int) -> int:
+    """Rehearse an OpenXLab app bundle locally, in a container that behaves like OpenXLab's Gradio
+    runtime (packages.txt with apt-get, requirements.txt with pip, python app.py on port 7860)."""
+    from deploy.package.app_try import container_name, try_app
+
+    url = try_app(bundle, port)
+    print(f"the app runs at {url}; stop it with `docker rm -f {container_name(bundle)}`")
     return 0
 
 
@@ -148,7 +160,7 @@ def chat(recipe: Path, force: bool) -> int:
 EXIT_CODES = {"QualityGateError": 4, "PublishError": 5, "GateRefusal": 6}
 
 VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "bench": bench,
-         "image": image, "app": app, "serve": serve, "chat": chat}
+         "image": image, "app": app, "app-try": app_try, "serve": serve, "chat": chat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -213,6 +225,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, metavar="RECIPE")
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced if present)")
     _force_flag(p)
+
+    p = verbs.add_parser("app-try", help=app_try.__doc__.split(",")[0], description=app_try.__doc__)
+    p.add_argument("bundle", type=Path, metavar="DIR", help="a bundle written by `app RECIPE --out DIR`")
+    p.add_argument("--port", type=int, default=7860, help="host port for the app (default 7860)")
 
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",

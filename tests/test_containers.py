@@ -235,3 +235,67 @@ def test_two_replicas_behind_nginx_survive_one_stopping(engine, tmp_path):
                               timeout=300)
     assert down.returncode == 0, down.stderr
     assert client.containers.list(all=True, filters={"label": "com.docker.compose.project=ctestpair"}) == []
+
+
+def test_openxlab_app_rehearsed_in_a_container_chats_in_chromium(engine, tmp_path):
+    """`deploy app` writes the bundle; `deploy app-try` runs it as OpenXLab's Gradio runtime would
+    (apt-get packages.txt, pip requirements.txt, python app.py on 7860); Chromium chats with it."""
+    if not shutil.which("chromium"):
+        pytest.fail("chromium is missing") if in_ci() else pytest.skip("Debian's chromium is missing")
+    from playwright.sync_api import sync_playwright
+    from test_ui_browser import CHROMIUM, FLAGS
+
+    client, _ = engine
+    bundle = tmp_path / "app-bundle"
+    made = kit("app", "recipes/smollm2-cpu.yaml", "--out", str(bundle))
+    assert made.returncode == 0, made.stderr
+    assert (bundle / "packages.txt").read_text().split() == ["git", "git-lfs"]  # no comment lines
+    assert "model.safetensors filter=lfs" in (bundle / ".gitattributes").read_text() or \
+        "*.safetensors filter=lfs" in (bundle / ".gitattributes").read_text()
+    assert (bundle / "requirements.txt").read_text().startswith("--extra-index-url")
+    port = free_port()
+    run = kit("app-try", str(bundle), "--port", str(port))
+    assert run.returncode == 0, run.stderr[-3000:]
+    container = client.containers.get("xlab-app-app-bundle")
+    assert container.attrs["Config"]["WorkingDir"] == "/home/xlab-app-center"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=60_000)
+        box = page.get_by_role("textbox").first
+        box.wait_for(timeout=60_000)
+        box.fill("What is the capital of France?")
+        box.press("Enter")
+        page.wait_for_function(
+            "() => { const b = document.querySelectorAll('[data-testid=\"bot\"]');"
+            " return b.length && b[b.length - 1].innerText.includes('Paris'); }", timeout=90_000)
+        browser.close()
+    container.remove(force=True)
+
+
+def test_gpu_dockerfile_builds_on_a_stand_in_for_the_lmdeploy_image(engine, tmp_path):
+    """docker/Dockerfile.gpu's own steps (the kit's dependencies, the user, the healthcheck, the
+    entry point) on a local stand-in for openmmlab/lmdeploy: the Python stand-in plus the LMDeploy
+    wheel, installed without its dependencies. Running it needs a GPU host with the NVIDIA
+    container toolkit, which no machine here has."""
+    client, _ = engine
+    wheels = tmp_path / "lmdeploy-wheel"
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                          "--only-binary=:all:", "lmdeploy==0.18.0", "--dest", str(wheels)],
+                         capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr[-2000:]
+    shutil.copy(ROOT / "docker" / "standins" / "Dockerfile.lmdeploy", wheels / "Dockerfile")
+    client.images.build(path=str(wheels), tag="local/lmdeploy:stand-in", rm=True, forcerm=True,
+                        buildargs={"BASE": os.environ["XLAB_DEPLOY_BASE_IMAGE"]})
+    path = recipe_file(tmp_path, "ctest-gpu", "internlm2-chat-7b-fp16.yaml")
+    run = kit("image", "build", str(path), "--out", str(tmp_path / "ctx"),
+              env={"XLAB_DEPLOY_BASE_IMAGE": "local/lmdeploy:stand-in"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    image = client.images.get("xlab-deploy/ctest-gpu:latest")
+    config = image.attrs["Config"]
+    assert config["User"] == "1000:1000" and config["Cmd"] == ["python3", "-m", "deploy", "serve"]
+    assert config["Healthcheck"]["Test"][-1] == "deploy.serve.healthcheck"
+    check = client.containers.run(image.id, ["python3", "-c", "import importlib.metadata as m, "
+                                              "deploy.cli, gradio; print(m.version('lmdeploy'))"],
+                                  remove=True)
+    assert check.strip() == b"0.18.0"  # the kit and its UI import beside the base's LMDeploy

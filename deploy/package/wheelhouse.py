@@ -28,10 +28,11 @@ class WheelhouseError(RuntimeError):
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
-def wheelhouse(requirements: str, no_deps: tuple[str, ...] = ()) -> Path:
+def wheelhouse(requirements: str, no_deps: tuple[str, ...] = (), torch: str | None = None) -> Path:
     """A folder holding a wheel for every requirement (dependencies included), for each of
     `no_deps` without its dependencies, and the requirements file itself; built once per
-    requirements text and reused."""
+    requirements text and reused. `torch` constrains torch where a dependency pulls it in (its CPU
+    build: pip would otherwise fetch a multi-GB CUDA wheel)."""
     if sys.version_info[:2] != IMAGE_PYTHON:
         want = ".".join(map(str, IMAGE_PYTHON))
         raise WheelhouseError(
@@ -39,13 +40,17 @@ def wheelhouse(requirements: str, no_deps: tuple[str, ...] = ()) -> Path:
             f"({platform.python_version()}): run `image context` or `image build` from a Python "
             f"{want} environment."
         )
-    key = hashlib.sha256(f"{requirements}|{no_deps}|{platform.machine()}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{requirements}|{no_deps}|{torch}|{platform.machine()}".encode()).hexdigest()[:16]
     target = cache_home() / "wheelhouse" / key
     if (target / "requirements.txt").is_file():
         return target
     with atomic_dir(target, keep_existing=True) as work:
         (work / "requirements.txt").write_text(requirements)
-        _pip("wheel", "--wheel-dir", str(work), "-r", str(work / "requirements.txt"))
+        constraints = []
+        if torch:
+            (work / "constraints.txt").write_text(f"{torch}\n")
+            constraints = ["-c", str(work / "constraints.txt")]
+        _pip("wheel", "--wheel-dir", str(work), "-r", str(work / "requirements.txt"), *constraints)
         if no_deps:
             _pip("download", "--no-deps", "--only-binary=:all:", "--dest", str(work), *no_deps)
     return target
