@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import in_ci
+from test_publish import need_git_lfs
 
 from deploy.build.pipeline import build, read_manifest, work_dir
 from deploy.recipe import load_recipe
@@ -168,10 +168,7 @@ def manifest_text(recipe) -> str:
 
 def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, monkeypatch, caplog,
                                                              capfd):
-    if not shutil.which("git-lfs"):
-        if in_ci():
-            pytest.fail("git-lfs is missing in CI: .ci/run must install it")
-        pytest.skip("git-lfs is not installed (apt-get install git-lfs)")
+    need_git_lfs()
     from deploy.build.publish import publish
 
     recipe, result = built
@@ -200,10 +197,7 @@ def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, mo
 def test_build_records_the_publish_and_refuses_a_remote_changed_since(built, tmp_path, monkeypatch):
     """Through the pipeline: the published head is recorded in the manifest; a remote that someone
     else changed since then is refused (PublishError, exit 5) until --overwrite."""
-    if not shutil.which("git-lfs"):
-        if in_ci():
-            pytest.fail("git-lfs is missing in CI: .ci/run must install it")
-        pytest.skip("git-lfs is not installed (apt-get install git-lfs)")
+    need_git_lfs()
     from test_publish import clone, git, remote_with_history
 
     from deploy.build.publish import PublishError

@@ -78,12 +78,19 @@ def clone(bare: Path, where: Path, smudge: bool = True) -> Path:
     return where
 
 
-def test_openxlab_publish_commits_on_top_and_keeps_what_it_did_not_write(model, tmp_path, monkeypatch):
+@pytest.fixture
+def openxlab(tmp_path, monkeypatch) -> tuple[Path, str]:
+    """A file:// OpenXLab stand-in whose repo already has history; returns (bare repo, its head)."""
     need_git_lfs()
     remotes = tmp_path / "remotes"
     bare, earlier = remote_with_history(remotes)
     monkeypatch.setenv("XLAB_OPENXLAB_GIT", f"file://{remotes}")
     monkeypatch.setenv(TOKEN_ENV, "openxlab-secret-token")
+    return bare, earlier
+
+
+def test_openxlab_publish_commits_on_top_and_keeps_what_it_did_not_write(model, tmp_path, openxlab):
+    bare, earlier = openxlab
     recipe = recipe_for("openxlab")
 
     plan = publish(recipe, model, {}, dry_run=True)["plan"]
@@ -112,12 +119,8 @@ def test_openxlab_publish_commits_on_top_and_keeps_what_it_did_not_write(model, 
     assert git("rev-list", "--count", "main", cwd=bare).strip() == "3"
 
 
-def test_openxlab_refuses_a_remote_changed_since_the_last_publish(model, tmp_path, monkeypatch):
-    need_git_lfs()
-    remotes = tmp_path / "remotes"
-    bare, _ = remote_with_history(remotes)
-    monkeypatch.setenv("XLAB_OPENXLAB_GIT", f"file://{remotes}")
-    monkeypatch.setenv(TOKEN_ENV, "t")
+def test_openxlab_refuses_a_remote_changed_since_the_last_publish(model, tmp_path, openxlab):
+    bare, _ = openxlab
     recipe = recipe_for("openxlab")
     first = publish(recipe, model, {})
 
@@ -139,14 +142,11 @@ def test_openxlab_refuses_a_remote_changed_since_the_last_publish(model, tmp_pat
     assert git("merge-base", "--is-ancestor", moved, "HEAD", cwd=work) == ""
 
 
-def test_openxlab_publish_killed_after_its_push_ends_with_one_commit(model, tmp_path, monkeypatch):
+def test_openxlab_publish_killed_after_its_push_ends_with_one_commit(model, tmp_path, openxlab,
+                                                                    monkeypatch):
     """A publish whose push landed but whose record did not (killed in between) runs again: the
     remote already holds exactly these files, so no second commit is made."""
-    need_git_lfs()
-    remotes = tmp_path / "remotes"
-    bare, earlier = remote_with_history(remotes)
-    monkeypatch.setenv("XLAB_OPENXLAB_GIT", f"file://{remotes}")
-    monkeypatch.setenv(TOKEN_ENV, "t")
+    bare, _ = openxlab
     recipe = recipe_for("openxlab")
     pushed = publish(recipe, model, {})  # ... and then the process died before recording it
     again = publish(recipe, model, {}, last=None)
