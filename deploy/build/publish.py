@@ -80,23 +80,22 @@ def publish(recipe: Recipe, folder: Path, verify: dict, *, dry_run: bool = False
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     card = model_card(recipe, folder, verify)
     target = f"{recipe.publish.hub}:{recipe.publish.repo}"
-    token = None if dry_run and recipe.publish.token_env and not os.environ.get(
-        recipe.publish.token_env) else _token(recipe)
+    token = _token(recipe, required=not dry_run)  # a dry run may look at a public repo without one
     publisher = _to_huggingface if recipe.publish.hub == "huggingface" else _to_openxlab
     result = publisher(recipe, folder, files, card, token, last=last or {}, overwrite=overwrite,
                        dry_run=dry_run)
     return {"target": target, **result}
 
 
-def _token(recipe: Recipe) -> str | None:
+def _token(recipe: Recipe, required: bool = True) -> str | None:
     name = recipe.publish.token_env
     if name is None:
         return None  # huggingface_hub falls back to HF_TOKEN or a saved login
     value = os.environ.get(name)
-    if not value:
+    if not value and required:
         raise RecipeError(f"publish.token_env names {name}, but it is not set: export {name}=... "
                           "with a write token for the hub, then run the build again.")
-    return value
+    return value or None
 
 
 def _visibility(recipe: Recipe) -> str:
