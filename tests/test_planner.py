@@ -103,3 +103,28 @@ def test_plan_command_exits_3_when_weights_do_not_fit():
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert run.returncode == 3
     assert "do not fit a T4" in run.stdout
+
+
+def test_one_quick_probe_decides_whether_the_hub_is_used(monkeypatch, caplog):
+    """No network: one probe, then local copies only (no ~20 s of huggingface_hub retries); a hub
+    that answers is used. Driven against a closed local port and the local fake hub."""
+    import huggingface_hub.constants
+    from conftest import LiveServer
+    from fake_hub import create_fake_hub
+
+    from deploy.build.sources import hub_reachable
+    from deploy.serve.ports import free_port
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    hub_reachable.cache_clear()
+    assert hub_reachable() is False
+    assert "HF_HUB_OFFLINE=1" in caplog.text
+    with LiveServer(create_fake_hub()) as live:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", live.url)
+        hub_reachable.cache_clear()
+        assert hub_reachable() is True
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub_reachable.cache_clear()
+    assert hub_reachable() is False  # offline on purpose: no probe at all
+    hub_reachable.cache_clear()

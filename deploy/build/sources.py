@@ -6,6 +6,7 @@ to a safetensors folder in the kit's cache, written atomically; later starts reu
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from contextlib import contextmanager
@@ -67,7 +68,8 @@ def model_config(recipe: Recipe) -> dict:
         try:
             with hub_errors(recipe.model.id, recipe.model.revision):
                 return json.loads(Path(hf_hub_download(
-                    recipe.model.id, "config.json", revision=recipe.model.revision)).read_text())
+                    recipe.model.id, "config.json", revision=recipe.model.revision,
+                    local_files_only=not hub_reachable())).read_text())
         except ModelSourceError:
             stored = _stored_config(recipe.model.id)
             if stored is None:
@@ -156,7 +158,31 @@ def _from_huggingface(recipe: Recipe) -> Path:
     from huggingface_hub import snapshot_download
 
     with hub_errors(recipe.model.id, recipe.model.revision):
-        return Path(snapshot_download(recipe.model.id, revision=recipe.model.revision))
+        return Path(snapshot_download(recipe.model.id, revision=recipe.model.revision,
+                                      local_files_only=not hub_reachable()))
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """One quick probe of the Hugging Face endpoint (HF_ENDPOINT, through any proxy the
+    environment names) before huggingface_hub's retries, which take about 20 s to give up with no
+    network. False sends every download to the local cache; HF_HUB_OFFLINE=1 skips the probe."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    import httpx
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=PROBE_SECONDS, follow_redirects=False)
+    except httpx.HTTPError:
+        log.warning("the hub at %s does not answer: using local copies only (set HF_HUB_OFFLINE=1 "
+                    "to go offline on purpose and skip this check)", constants.ENDPOINT)
+        return False
+    return True
+
+
+PROBE_SECONDS = 3.0
 
 
 @contextmanager
