@@ -37,10 +37,11 @@ def main() -> None:
         seconds.append(time.perf_counter() - started)
         if run.returncode not in (0, 3):
             sys.exit(run.stderr[-2000:])
-    record = {"code": str(args.code), "commit": subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=args.code, capture_output=True, text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"), "seconds": [round(s, 2) for s in seconds],
-        "median_s": round(statistics.median(seconds), 2)}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.code, capture_output=True,
+                            text=True).stdout.strip()
+    record = {"code": str(args.code), "commit": commit,
+              "date": time.strftime("%Y-%m-%d"), "seconds": [round(s, 2) for s in seconds],
+              "median_s": round(statistics.median(seconds), 2)}
     print(json.dumps(record))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

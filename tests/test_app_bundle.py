@@ -30,7 +30,9 @@ def test_bundle_runs_and_serves(tmp_path):
     assert readme.startswith("---\ntitle: SmolLM2 assistant (CPU)\n") and "sdk: gradio" in readme
     assert "app_file: app.py" in readme
     reqs = (out / "requirements.txt").read_text().splitlines()
-    assert all("==" in line for line in reqs), reqs  # pinned
+    assert reqs[0] == "--extra-index-url https://download.pytorch.org/whl/cpu"  # torch's CPU build
+    assert all("==" in line for line in reqs[1:]), reqs  # pinned
+    assert any(line.startswith("torch==") and line.endswith("+cpu") for line in reqs)
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["source"] == "local" and recipe["serve"]["mode"] == "gradio"
 
