@@ -83,10 +83,11 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     """Container images from the recipe: write the build context, build it, run it, or write a
     compose file for several replicas behind one proxy (nginx for the CPU image, LMDeploy's for
     the GPU image)."""
-    from deploy.build.manifest import built_model_dir
+    from deploy.build.manifest import built_model_dir, check_gate
     from deploy.package import image as images
 
     loaded = load_recipe(recipe)
+    check_gate(loaded, force=force)  # mounted or baked, weights that failed the gate never ship
     # The built folder is needed to bake it into the image, or to mount it at `run`.
     baked = loaded.docker.weights == "bake" and action in ("context", "build")
     needs = images.needs_weights(loaded) and (baked or action == "run")
