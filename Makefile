@@ -61,7 +61,7 @@ docker: build  ## build RECIPE's image and run it (needs a Docker engine)
 	$(PY) -m deploy image run $(RECIPE) $(if $(PORT),--port $(PORT))
 
 test: $(VENV)/.test-installed chromium  ## run the test suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 lint: $(VENV)/.test-installed  ## ruff
 	$(VENV)/bin/ruff check deploy tests scripts

@@ -143,7 +143,7 @@ def test_cpu_image_builds_offline_runs_serves_and_drains(engine, tmp_path):
     def stream():
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                           headers={"authorization": f"Bearer {key}"},
-                          json={"model": "ctest-cpu", "stream": True, "max_tokens": 150,
+                          json={"model": "ctest-cpu", "stream": True, "max_tokens": 60,
                                 "messages": [{"role": "user", "content": "Tell me a long story."}]}) as r:
             events.extend(line for line in r.iter_lines() if line)  # SSE: blank lines between events
 
