@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,19 +279,29 @@ def test_gpu_dockerfile_builds_on_a_stand_in_for_the_lmdeploy_image(engine, tmp_
     entry point) on a local stand-in for openmmlab/lmdeploy: the Python stand-in plus the LMDeploy
     wheel, installed without its dependencies. Running it needs a GPU host with the NVIDIA
     container toolkit, which no machine here has."""
+    from deploy.package.image import cpu_torch
+    from deploy.package.wheelhouse import link_into, wheelhouse
+
     client, _ = engine
-    wheels = tmp_path / "lmdeploy-wheel"
+    context = tmp_path / "stand-in"
+    wheels = context / "wheels"
+    # torch as the real base has it (CPU build here), so that nothing pulls torch from an index.
+    link_into(wheelhouse(f"{cpu_torch()}\n"), wheels)
     got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                           "--only-binary=:all:", "lmdeploy==0.18.0", "--dest", str(wheels)],
                          capture_output=True, text=True)
     assert got.returncode == 0, got.stderr[-2000:]
-    shutil.copy(ROOT / "docker" / "standins" / "Dockerfile.lmdeploy", wheels / "Dockerfile")
-    client.images.build(path=str(wheels), tag="local/lmdeploy:stand-in", rm=True, forcerm=True,
+    shutil.copy(ROOT / "docker" / "standins" / "Dockerfile.lmdeploy", context / "Dockerfile")
+    client.images.build(path=str(context), tag="local/lmdeploy:stand-in", rm=True, forcerm=True,
                         buildargs={"BASE": os.environ["XLAB_DEPLOY_BASE_IMAGE"]})
     path = recipe_file(tmp_path, "ctest-gpu", "internlm2-chat-7b-fp16.yaml")
     run = kit("image", "build", str(path), "--out", str(tmp_path / "ctx"),
               env={"XLAB_DEPLOY_BASE_IMAGE": "local/lmdeploy:stand-in"})
     assert run.returncode == 0, run.stderr[-3000:]
+    # The base's torch stays: no CUDA wheel, no nvidia-* package was fetched over it.
+    cuda = re.search(r".{60}nvidia[-_](cublas|cudnn|nccl|cuda).{20}", run.stderr)
+    assert cuda is None, cuda.group(0)
+    assert "Downloading torch" not in run.stderr
     image = client.images.get("xlab-deploy/ctest-gpu:latest")
     config = image.attrs["Config"]
     assert config["User"] == "1000:1000" and config["Cmd"] == ["python3", "-m", "deploy", "serve"]

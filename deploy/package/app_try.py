@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from deploy.package.image import (
-    ImageError,
-    _client,
-    _create,
-    _server_status,
-    build_image_context,
-    cpu_torch,
-)
+from deploy.package.image import ImageError, _client, build_image_context, cpu_torch, start_and_wait
 from deploy.package.wheelhouse import link_into, wheelhouse
 
 DOCKERFILE = """\
@@ -66,21 +58,10 @@ def try_app(bundle: Path, port: int = 7860, timeout: float = 600) -> str:
         client.containers.get(name).remove(force=True)  # an earlier rehearsal of this bundle
     except Exception:  # noqa: BLE001 - docker.errors.NotFound: nothing to replace
         pass
-    container = _create(client, tag, {"detach": True, "name": name, "labels": {LABEL: name},
-                                      "ports": {"7860/tcp": ("127.0.0.1", port)}})
-    container.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = _server_status(url)
-        if status == "ok":
-            return url
-        container.reload()
-        if status == "failed" or container.status in ("exited", "dead"):
-            break
-        time.sleep(1)
-    logs = container.logs(tail=40).decode(errors="replace")
-    raise ImageError(f"The rehearsed app did not start; its last log lines:\n{logs}")
+    kwargs = {"detach": True, "name": name, "labels": {LABEL: name},
+              "ports": {"7860/tcp": ("127.0.0.1", port)}}
+    start_and_wait(client, tag, kwargs, f"http://127.0.0.1:{port}", timeout)
+    return f"http://127.0.0.1:{port}"
 
 
 def container_name(bundle: Path) -> str:

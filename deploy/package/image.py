@@ -234,16 +234,23 @@ def run_container(recipe: Recipe, model_folder: Path | None, port: int | None = 
                              "it at the port it publishes), then run again.")
         old.remove()  # an exited container of the same name: start afresh
     kwargs = run_options(recipe, model_folder, host_port)
-    container = _create(client, tag, kwargs)
+    host = "127.0.0.1" if recipe.serve.host == "0.0.0.0" else recipe.serve.host
+    return start_and_wait(client, tag, kwargs, f"http://{host}:{host_port}", timeout)
+
+
+def start_and_wait(client, tag: str, kwargs: dict, url: str, timeout: float) -> str:
+    """Create and start a container, then wait until the server in it reports ready (its own
+    /health, or Docker's HEALTHCHECK); return its id. A model that fails to load, or a container
+    that exits, is reported at once with the container's last log lines."""
+    container = create_container(client, tag, kwargs)
     container.start()
     console.print(f"started {container.name}; waiting for it to become healthy ...")
     deadline = time.monotonic() + timeout
-    url = f"http://{'127.0.0.1' if recipe.serve.host == '0.0.0.0' else recipe.serve.host}:{host_port}"
     while time.monotonic() < deadline:
         container.reload()
         state = container.attrs.get("State", {})
         health = state.get("Health", {}).get("Status")
-        status = _server_status(url)
+        status = server_status(url)
         if health == "healthy" or status == "ok":
             console.print(f"healthy: {url}")
             return container.id
@@ -280,7 +287,7 @@ def run_options(recipe: Recipe, model_folder: Path | None, host_port: int) -> di
     return kwargs
 
 
-def _create(client, tag: str, kwargs: dict):
+def create_container(client, tag: str, kwargs: dict):
     """containers.create with a stop timeout, which the SDK's high-level call does not pass on:
     `docker stop` must leave the server its 30 s to drain streams, not Docker's default 10 s."""
     from docker.models.containers import _create_container_args
@@ -291,7 +298,7 @@ def _create(client, tag: str, kwargs: dict):
     return client.containers.get(created["Id"])
 
 
-def _server_status(url: str) -> str | None:
+def server_status(url: str) -> str | None:
     """The server's own word on its model: ok, starting or failed; None while it does not answer."""
     import json
     import urllib.error
