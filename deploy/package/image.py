@@ -26,6 +26,7 @@ console = Console(stderr=True)
 KIT = Path(__file__).resolve().parent.parent  # the deploy package, installed or in a checkout
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # the repository's docker/ and app/
 CONTAINER_MODELS = "/models"
+LABEL = "xlab-deploy.recipe"  # on every container the kit starts; scripts/docker_engine.sh stop removes them
 
 
 class ImageError(RuntimeError):
@@ -117,7 +118,8 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *
     out.mkdir(parents=True)
     dockerfile = (TEMPLATES / "docker" / f"Dockerfile.{kind}").read_text()
     if recipe.model.source == "bundled":  # converted from GGUF once, at build time
-        dockerfile = dockerfile.replace('ARG BUNDLED_MODEL=""', f'ARG BUNDLED_MODEL="{bundled_name(recipe)}"')
+        dockerfile = dockerfile.replace('ARG BUNDLED_MODEL=""',
+                                        f'ARG BUNDLED_MODEL="{recipe.model.bundled_name}"')
     (out / "Dockerfile").write_text(dockerfile)
     copy_kit(out)
     reqs = requirements(kind)
@@ -149,12 +151,6 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *
     else:
         (models / ".keep").write_text("")  # COPY needs the folder; mounted weights land here
     return out
-
-
-def bundled_name(recipe: Recipe) -> str:
-    from deploy.recipe.schema import DEFAULT_BUNDLED_MODEL
-
-    return recipe.model.id or DEFAULT_BUNDLED_MODEL
 
 
 def _client():
@@ -275,7 +271,7 @@ def run_options(recipe: Recipe, model_folder: Path | None, host_port: int) -> di
         "ports": {f"{container_port(recipe)}/tcp": (recipe.serve.host, host_port)},
         "environment": _environment(recipe),
         "stop_signal": "SIGTERM",
-        "labels": {"xlab-deploy.recipe": recipe.name},
+        "labels": {LABEL: recipe.name},
     }
     if image_kind(recipe) == "gpu":
         kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
@@ -349,7 +345,7 @@ def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None) -> dic
             "healthcheck": {"test": ["CMD", "python3", "-m", "deploy.serve.healthcheck"],
                             "interval": "10s", "start_period": "600s"},
             "stop_grace_period": f"{STOP_TIMEOUT}s",  # the server drains for up to 30 s
-            "labels": {"xlab-deploy.recipe": recipe.name},
+            "labels": {LABEL: recipe.name},
         }
         if needs_weights(recipe):
             service["volumes"] = [f"${{MODEL_DIR:?set MODEL_DIR to the built model folder}}:"

@@ -81,6 +81,11 @@ class Model(_Section):
         "base model by the builder before quantization."
     )
 
+    @property
+    def bundled_name(self) -> str:
+        """The bundled model this section names, for `source: bundled`."""
+        return self.id or DEFAULT_BUNDLED_MODEL
+
     @model_validator(mode="after")
     def _source_needs(self) -> Model:
         if self.source == "local" and not self.path:
