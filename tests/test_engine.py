@@ -46,18 +46,6 @@ def test_sampling_with_seed_is_reproducible(assistant):
     assert run(assistant.achat(QUESTION, params)).text == run(assistant.achat(QUESTION, params)).text
 
 
-def test_concurrent_streams_do_not_mix(assistant):
-    prompts = [[{"role": "user", "content": q}] for q in (
-        "What is the capital of France?", "Name three colours.", "What is 2 + 2?")]
-    params = GenerationParams(max_tokens=20)
-    alone = [run(assistant.achat(p, params)).text for p in prompts]
-
-    async def together():
-        return await asyncio.gather(*(assistant.achat(p, params) for p in prompts))
-
-    assert [a.text for a in run(together())] == alone
-
-
 def test_abandoned_stream_frees_the_engine(assistant):
     async def abandon_then_ask():
         stream = assistant.astream([{"role": "user", "content": "Tell me a long story."}],

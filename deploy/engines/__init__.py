@@ -45,6 +45,7 @@ def load_engine(config: EngineConfig, model_dir: Path) -> Engine:
         from deploy.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(model_dir, dtype=config.dtype, session_len=config.session_len,
+                                  max_batch_size=config.max_batch_size,
                                   chat_template=config.chat_template,
                                   trust_remote_code=config.trust_remote_code)
     check_lmdeploy_can_run(config)

@@ -1,22 +1,20 @@
 """Hugging Face transformers engine: the baseline, and the fallback where there is no GPU.
 
-`generate` runs one request at a time on a single worker thread (a queue): on a small CPU box
-that is faster than interleaving, and it keeps streams from mixing. Each request streams its own
-tokens through its own asyncio queue; closing the stream stops generation at the next token.
+Concurrent requests decode together (batcher.py: a request joins the running batch at the next
+step), up to `max_batch_size`. Each request streams its own tokens through its own asyncio queue,
+with its own stop strings, length and sampling settings; closing the stream frees its row at the
+next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM
 
 from deploy.engines.base import (
     HQQ_MARKER,
@@ -28,13 +26,14 @@ from deploy.engines.base import (
     PromptTooLongError,
     StopMatcher,
 )
+from deploy.engines.batcher import END, Batcher, Request, can_batch
 from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
+from deploy.engines.detokenize import incremental_decoder
 from deploy.engines.sizing import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_END = object()
 
 
 class TransformersEngine(Engine):
@@ -46,6 +45,7 @@ class TransformersEngine(Engine):
         *,
         dtype: str = "auto",
         session_len: int = 4096,
+        max_batch_size: int = 8,
         chat_template: str | None = None,
         device: str | None = None,
         trust_remote_code: bool = False,
@@ -70,10 +70,13 @@ class TransformersEngine(Engine):
         self.model.eval()
         self.session_len = min(session_len, _max_positions(self.model.config) or session_len)
         self.model_config = self.model.config.to_dict()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self._eos = set(eos_ids(model_dir, self.tokenizer))
-        pad = self.tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else min(self._eos, default=0)
+        self.max_batch_size = max_batch_size
+        if max_batch_size > 1 and not can_batch(self.model):
+            log.warning("%s keeps a KV cache the batcher cannot pad; requests run one at a time.",
+                        type(self.model).__name__)
+            self.max_batch_size = 1
+        self._batcher = Batcher(self.model, max_batch_size=self.max_batch_size,
+                                eos=set(eos_ids(model_dir, self.tokenizer)), device=self.device)
 
     # -- the Engine interface ---------------------------------------------------------------
 
@@ -90,22 +93,38 @@ class TransformersEngine(Engine):
         max_new = min(params.max_tokens, room)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        streamer = _QueueStreamer(loop, queue)
-        job = loop.run_in_executor(
-            self._worker, self._generate, prompt, params, max_new, streamer, cancel
-        )
-        decoder = _IncrementalDecoder(self.tokenizer)
+
+        def sink(item) -> None:  # called on the model thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        request = Request(prompt=prompt, max_new=max_new, sink=sink, temperature=params.temperature,
+                          top_p=params.top_p, seed=params.seed)
+        self._batcher.submit(request)
+        decoder = incremental_decoder(self.tokenizer)
         stops = StopMatcher(params.stop)
         generated = 0
         hit_eos = False
         try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                generated += len(item)
-                hit_eos = hit_eos or any(t in self._eos for t in item)
-                text = stops.feed(decoder.add(item))
+            ended = False
+            while not ended:
+                tokens: list[int] = []
+                # Take every token already waiting: a client that reads slower than the batch
+                # decodes gets them in one piece, and the event loop does less per token.
+                item = await queue.get()
+                while True:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is END:
+                        ended = True
+                        break
+                    tokens.extend(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                generated += len(tokens)
+                hit_eos = hit_eos or any(t in self._batcher.eos for t in tokens)
+                text = stops.feed(decoder.add(tokens))
                 if text:
                     yield Delta(text)
                 if stops.stopped:
@@ -114,16 +133,14 @@ class TransformersEngine(Engine):
             finish = "stop" if hit_eos or stops.stopped or generated < max_new else "length"
             yield Delta(tail, finish, len(prompt), generated)
         finally:
-            cancel.set()  # stops generate at its next token if the client went away
-            await asyncio.shield(job)
+            self._batcher.cancel(request)  # frees the row at the next step if the client went away
 
     async def prompt_logits(self, token_ids: list[list[int]]) -> list:
-        loop = asyncio.get_running_loop()
-        return [await loop.run_in_executor(self._worker, self._logits, ids) for ids in token_ids]
+        return [await asyncio.wrap_future(self._batcher.call(lambda ids=ids: self._logits(ids)))
+                for ids in token_ids]
 
     def _logits(self, ids: list[int]):
-        with torch.inference_mode():
-            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
+        return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu()
 
     def memory(self) -> EngineMemory:
         if self.hqq:  # hqq keeps packed weights and their scales outside parameters and buffers
@@ -137,12 +154,16 @@ class TransformersEngine(Engine):
             kv_bytes_per_token=kv_bytes_per_token(self.model.config, "none", self.dtype.itemsize),
             notes=[
                 "transformers grows the KV cache per request instead of pre-allocating it, "
-                "so there is no fixed KV capacity; requests run one at a time."
+                "so there is no fixed KV capacity; up to max_batch_size requests decode together, "
+                "the others wait."
             ],
+            settings={"max_batch_size": self.max_batch_size, "batched_now": self._batcher.active,
+                      "waiting_now": self._batcher.waiting,
+                      "shared_prefix_tokens": self._batcher.shared_prefix_tokens},
         )
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._batcher.close()
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -152,92 +173,6 @@ class TransformersEngine(Engine):
     def _encode(self, messages: list[Message]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    def _generate(self, prompt, params, max_new, streamer, cancel) -> None:
-        try:
-            if cancel.is_set():  # the client left while the request was queued
-                return
-            ids = torch.tensor([prompt], device=self.device)
-            sampling = (
-                {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-                if params.temperature > 0
-                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            )
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            with torch.inference_mode():
-                self.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new,
-                    streamer=streamer,
-                    stopping_criteria=[_Cancelled(cancel)],
-                    pad_token_id=self._pad_id,
-                    **sampling,
-                )
-        except BaseException as exc:  # surfaced to the awaiting request, not lost in a thread
-            streamer.fail(exc)
-        finally:
-            streamer.end()
-
 
 def _max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
-                          device=input_ids.device)  # generate combines it with GPU tensors
-
-
-class _QueueStreamer(BaseStreamer):
-    """Hands each new token from the generate thread to the request's asyncio queue."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.loop, self.queue = loop, queue
-        self.prompt_seen = False
-        self.ended = False
-
-    def _send(self, item) -> None:
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate first echoes the prompt
-            self.prompt_seen = True
-            return
-        self._send(value.reshape(-1).tolist())
-
-    def fail(self, exc: BaseException) -> None:
-        self._send(exc)
-
-    def end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self._send(_END)
-
-
-class _IncrementalDecoder:
-    """Token ids in, new text out; holds back bytes of a character that is not complete yet."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
-
-    def add(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
-
-    def flush(self) -> str:
-        # A character still incomplete when generation ends can never be completed: drop it.
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
