@@ -36,9 +36,11 @@ def test_results_are_sane(bench_out):
         assert all(s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] for s in r["serving"])
         assert r["memory"]["gpus"] == [] and r["memory"]["process"]["rss_bytes"] > 0
         assert r["quality"]["prompts"] == 3 and len(r["quality"]["answers"]) == 3
-    # 4-bit weights are smaller; the reference agrees with itself exactly.
+    # 4-bit weights are smaller. The reference is measured too: a second pass over its own record
+    # (stored in fp16, so the KL is small but not zero).
     assert w4["memory"]["engine"]["weight_bytes"] < 0.6 * bf16["memory"]["engine"]["weight_bytes"]
-    assert bf16["quality"]["top1_agreement"] == 1.0 and bf16["quality"]["mean_kl"] == 0.0
+    assert bf16["quality"]["compared_positions"] == w4["quality"]["compared_positions"] > 0
+    assert 0.95 <= bf16["quality"]["top1_agreement"] <= 1.0 and 0 <= bf16["quality"]["mean_kl"] < 1e-3
     assert 0.5 < w4["quality"]["top1_agreement"] <= 1.0 and 0 < w4["quality"]["mean_kl"] < 1.0
 
 

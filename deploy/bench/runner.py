@@ -38,13 +38,13 @@ CPU_DEFAULT = ["transformers-bf16", "transformers-w4a16"]
 
 PROFILES = {
     "gpu": {"decode_tokens": 128, "offline_prompts": 32, "offline_tokens": 64,
-            "concurrency": [1, 8, 32, 64], "min_requests": 4, "serve_tokens": 64,
+            "concurrency": [1, 8, 32, 64], "requests_per_slot": 2, "serve_tokens": 64,
             "quality_prompts": 16, "quality_tokens": 32},
     "cpu": {"decode_tokens": 64, "offline_prompts": 4, "offline_tokens": 32,
-            "concurrency": [1, 2, 4], "min_requests": 4, "serve_tokens": 32,
+            "concurrency": [1, 2, 4, 8], "requests_per_slot": 4, "serve_tokens": 64,
             "quality_prompts": 8, "quality_tokens": 24},
     "smoke": {"decode_tokens": 12, "offline_prompts": 2, "offline_tokens": 8,
-              "concurrency": [1, 2], "min_requests": 2, "serve_tokens": 8,
+              "concurrency": [1, 2], "requests_per_slot": 1, "serve_tokens": 8,
               "quality_prompts": 3, "quality_tokens": 8},
 }
 FIXED_CACHE_RATIO = 0.2  # one stated KV setting for every LMDeploy row, so memory compares

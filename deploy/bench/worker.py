@@ -53,7 +53,12 @@ async def _offline(assistant: Assistant, prompts: list[str], tokens: int) -> dic
 
 
 async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | None) -> tuple[dict, dict]:
-    """This setting's answers and scores, and its logits against the reference setting's."""
+    """This setting's answers and scores, and its logits against the reference setting's.
+
+    The reference setting (the first) records its answers' token sequences and next-token
+    distributions, then is measured like every other setting: a second logits pass over the same
+    sequences, compared with the record. It shows the engine's own run-to-run noise, which is the
+    floor for the other rows; it is not assumed to be 1.0."""
     import torch
 
     from deploy.engines.chat_format import encode_chat
@@ -61,9 +66,7 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
     engine = assistant.engine
     params = GenerationParams(max_tokens=tokens)
     answers, scores, rows = [], [], []
-    agree = positions = 0
-    kl = 0.0
-    for i, task in enumerate(tasks):
+    for task in tasks:
         messages = assistant.messages(task.messages())
         answer = await assistant.achat(task.messages(), params)
         answers.append(answer.text)
@@ -76,16 +79,19 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
             logits = (await engine.prompt_logits([ids]))[0]
             rows.append({"ids": ids, "start": len(prompt) - 1,
                          "logprobs": torch.log_softmax(logits[len(prompt) - 1:len(ids) - 1], -1).half()})
-            continue
-        row = reference["rows"][i]
+    against = reference["rows"] if reference is not None else rows
+    agree = positions = 0
+    kl = 0.0
+    for row in against:
         logits = (await engine.prompt_logits([row["ids"]]))[0]
         q = torch.log_softmax(logits[row["start"]:len(row["ids"]) - 1].float(), -1)
         matched, row_kl, count = agreement(row["logprobs"], q)
         agree, kl, positions = agree + matched, kl + row_kl, positions + count
     quality = {
         "prompts": len(tasks),
-        "top1_agreement": agree / positions if positions else (1.0 if reference is None else None),
-        "mean_kl": kl / positions if positions else (0.0 if reference is None else None),
+        "top1_agreement": agree / positions if positions else None,
+        "mean_kl": kl / positions if positions else None,
+        "compared_positions": positions,
         "scored": len(scores),
         **{k: sum(s[k] for s in scores) / len(scores) for k in ("exact", "contains", "rouge_l")
            if scores},
@@ -133,8 +139,10 @@ def measure(spec: dict) -> dict:
             result["serving"] = []
             for c in profile["concurrency"]:
                 asyncio.run(run_load(server.url + "/v1", recipe.name, prompts, c, c, 4))  # warm-up
+                # Several requests per slot: with one, the batch empties while the last answers
+                # finish, and the number says more about the tail than about the concurrency.
                 load = run_load(server.url + "/v1", recipe.name, prompts, c,
-                                max(c, profile["min_requests"]), profile["serve_tokens"])
+                                c * profile["requests_per_slot"], profile["serve_tokens"])
                 result["serving"].append(asyncio.run(load).as_dict())
             reference = None
             if spec.get("reference") and Path(spec["reference"]).is_file():
