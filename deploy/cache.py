@@ -4,6 +4,8 @@
     models/bundled/NAME/    the bundled model, converted once from GGUF
     models/openxlab/ID/     models downloaded from OpenXLab
     lmdeploy-env-checked/   LMDeploy environment checks that passed (deploy/engines/)
+    models/rope-compat/     links to model folders, with config.json fixed for LMDeploy
+                            (deploy/engines/rope_compat.py)
 """
 
 from __future__ import annotations
@@ -31,3 +33,7 @@ def openxlab_model_dir(model_id: str) -> Path:
 
 def env_check_dir() -> Path:
     return cache_home() / "lmdeploy-env-checked"
+
+
+def rope_compat_dir() -> Path:
+    return cache_home() / "models" / "rope-compat"

@@ -7,6 +7,12 @@
 #   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model
 #   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
+#   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
+#   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
+#   bash scripts/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
+# TurboMind: ../shared/device/fetch-turbomind-parts.sh .device/tm-parts makes 9 parts here; carry one
+# at a time as .device/tm-carry (a call carries at most 64 MiB), `tm-stage` after each, back to back
+# (the machine goes back after 30 s idle), then `tm-assemble` (it checks their MD5).
 # Needs .device/whl (scripts from ../shared/device/fetch-lmdeploy-wheels.sh plus pytest, psutil)
 # and .device/tok32k carried with the call. Results go to $OUT (default ./out).
 set -euo pipefail
@@ -17,6 +23,10 @@ if [ ! -d /tmp/site/lmdeploy ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# TurboMind, once assembled by `tm-assemble`: its CUDA 12 libraries live in /tmp/tm.
+if [ -f /tmp/tm/libcublas.so.12 ]; then
+  export LD_LIBRARY_PATH=/tmp/tm:/tmp/site/lmdeploy/turbomind/lib:${LD_LIBRARY_PATH:-}
+fi
 model() {  # model tiny|7b: build once per machine
   [ -f "$MODELS/$1/config.json" ] || python3 scripts/make_random_llama.py "$1" "$MODELS/$1" .device/tok32k >/dev/null
   echo "$MODELS/$1"
@@ -54,5 +64,20 @@ case "${1:-setup}" in
       python3 scripts/gpu_tp.py --model "$(model 7b)" --out /tmp/tp || status=$?
       cp /tmp/tp/tp.json /tmp/tp/memory-tp2.json /tmp/tp/*.log "$OUT"/ 2>/dev/null || true
       exit $status ;;
+  internlm2) status=0
+             backend=${2:-lmdeploy-pytorch}
+             python3 scripts/gpu_internlm2.py --models "$MODELS" --tok .device/tok32k \
+               --out "/tmp/internlm2-$backend" --backend "$backend" || status=$?
+             mkdir -p "$OUT/$backend"
+             cp "/tmp/internlm2-$backend"/internlm2.json "/tmp/internlm2-$backend"/*.log "$OUT/$backend"/ 2>/dev/null || true
+             exit $status ;;
+  tm-stage) mkdir -p /tmp/tmparts && cp .device/tm-carry/part* /tmp/tmparts/ && ls /tmp/tmparts ;;
+  tm-assemble) cp .device/tm-carry/MD5 /tmp/tmparts/ 2>/dev/null || true
+               (cd /tmp/tmparts && cat part* | md5sum | diff - MD5) || { echo "TurboMind parts: MD5 differs" >&2; exit 1; }
+               mkdir -p /tmp/tm && cat /tmp/tmparts/part* | gzip -d | tar -C /tmp/tm -xf -
+               cp /tmp/tm/_turbomind*.so /tmp/site/lmdeploy/turbomind/
+               mkdir -p /tmp/site/lmdeploy/turbomind/lib && cp /tmp/tm/libturbomind_nccl_stub.so /tmp/site/lmdeploy/turbomind/lib/
+               LD_LIBRARY_PATH=/tmp/tm:/tmp/site/lmdeploy/turbomind/lib python3 -c \
+                 "from lmdeploy import turbomind; print('TurboMind available:', turbomind.is_available())" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "deploy"
 # Which stages each stage may import. `cache` and `atomic` sit below everything and import nothing.
 ALLOWED = {
     "recipe": set(),
-    "engines": {"recipe", "cache"},
+    "engines": {"recipe", "cache", "atomic"},
     "capacity": {"recipe", "engines"},
     "build": {"recipe", "engines", "capacity", "cache", "atomic"},
     "serve": {"recipe", "engines", "capacity", "build"},  # build: the manifest alone, see below

@@ -9,6 +9,7 @@ folder name. `engine_config_kwargs` is the one place where the engine config bec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ from deploy.engines.base import (
 )
 from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
 from deploy.engines.config import EngineConfig
+from deploy.engines.native_log import tee_stderr, turbomind_cache_budget
+from deploy.engines.rope_compat import model_dir_for_lmdeploy
 from deploy.engines.sizing import kv_bytes_per_token
 from deploy.recipe.errors import RecipeError
 
@@ -129,12 +132,31 @@ class LMDeployEngine(Engine):
         checked = _env_check_marker(self.model_config, self.config)
         _skip_env_check(checked.exists())
         started = time.perf_counter()
-        self._engine = AsyncEngine(
-            str(self.model_dir),
-            backend="turbomind" if backend == "lmdeploy-turbomind" else "pytorch",
-            backend_config=self.config,
-            trust_remote_code=trust,
-        )
+        served = self.model_dir
+        if backend == "lmdeploy-pytorch":
+            served = model_dir_for_lmdeploy(self.model_dir, self.model_config)
+        turbomind = backend == "lmdeploy-turbomind"
+        if turbomind:  # its KV budget is logged at INFO only, and little else is (native_log.py)
+            os.environ.setdefault("TM_LOG_LEVEL", "INFO")
+        self._tm_cache_bytes: int | None = None
+        try:
+            with tee_stderr() if turbomind else contextlib.nullcontext([]) as native:
+                self._engine = AsyncEngine(
+                    str(served),
+                    backend="turbomind" if turbomind else "pytorch",
+                    backend_config=self.config,
+                    trust_remote_code=trust,
+                )
+            self._tm_cache_bytes = turbomind_cache_budget(b"".join(native)) if turbomind else None
+        except Exception as exc:
+            if "not alive" not in str(exc):
+                raise
+            # The PyTorch engine runs in a child process; the parent learns only that it died.
+            raise RuntimeError(
+                f"LMDeploy's engine process died while loading {self.model_dir} ({exc}). Its own "
+                "traceback is earlier in this log, after 'Process mp_engine_proc'; fix what it "
+                "names, or try engine.backend: lmdeploy-turbomind."
+            ) from exc
         log.info("LMDeploy engine started (%.1fs)", time.perf_counter() - started)
         checked.parent.mkdir(parents=True, exist_ok=True)
         checked.touch()
@@ -197,14 +219,20 @@ class LMDeployEngine(Engine):
         blocks = getattr(cfg, "num_gpu_blocks", 0) or None
         block = getattr(cfg, "block_size", None) or getattr(cfg, "cache_block_seq_len", None)
         per_token = kv_bytes_per_token(self.model_config, self.engine_config.kv_cache)
-        tokens = blocks * block if blocks and block else None
-        notes = [
-            "weight_bytes is the size of the checkpoint's weight files; KV bytes are computed as "
-            "blocks x block tokens x bytes per token from the model's config.",
-        ]
-        if blocks is None:
-            notes.append(f"{self.name} does not report its KV block count.")
         tp = getattr(cfg, "tp", 1) or 1
+        notes = ["weight_bytes is the size of the checkpoint's weight files."]
+        if blocks is None and self._tm_cache_bytes and block:
+            # TurboMind keeps no block count in Python; it logs its cache budget per GPU, which
+            # holds the KV blocks (each GPU 1/tp of the KV heads).
+            blocks = self._tm_cache_bytes * tp // (per_token * block)
+            notes.append(f"KV capacity from TurboMind's logged cache budget "
+                         f"({self._tm_cache_bytes / 2**20:,.0f} MiB per GPU) / bytes per token.")
+        elif blocks is None:
+            notes.append(f"{self.name} reported no KV capacity (TurboMind logs it only with "
+                         "TM_LOG_LEVEL=INFO).")
+        else:
+            notes.append("KV bytes are blocks x block tokens x bytes per token from the config.")
+        tokens = blocks * block if blocks and block else None
         if tp > 1:
             # As the planner and the per-GPU list report it: each GPU holds 1/tp of the KV heads.
             notes.append(f"tp {tp}: kv_cache_bytes is per GPU; kv_bytes_per_token and "
