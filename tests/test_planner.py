@@ -128,3 +128,16 @@ def test_one_quick_probe_decides_whether_the_hub_is_used(monkeypatch, caplog):
     hub_reachable.cache_clear()
     assert hub_reachable() is False  # offline on purpose: no probe at all
     hub_reachable.cache_clear()
+
+
+def test_plan_on_a_broken_config_json_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    (tmp_path / "r.yaml").write_text("name: broken\nmodel:\n  source: local\n  path: m\n")
+    run = subprocess.run([sys.executable, "-m", "deploy", "plan", str(tmp_path / "r.yaml"), "--gpu",
+                          "A10"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "config.json is not valid JSON" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -238,3 +238,14 @@ def test_hugging_face_card_replaces_only_the_kits_own_readme(model, hub, monkeyp
     assert repo["files"]["README.md"].startswith(b"---") and "MODEL_CARD.md" not in repo["files"]
     again = publish(recipe, model, {}, last=None)
     assert again["plan"]["card"] == "README.md" and "README.md" in again["plan"]["replaced"]
+
+
+def test_an_unreachable_hub_is_a_sentence_not_a_traceback(model, monkeypatch):
+    """Nothing listens on the port HF_ENDPOINT names: huggingface_hub raises httpx.ConnectError,
+    which the kit turns into PublishError (exit 5 from the CLI) with what to do."""
+    from deploy.serve.ports import free_port
+
+    monkeypatch.setenv(TOKEN_ENV, "hf_" + "x" * 34)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(PublishError, match="Cannot reach the hub .*HF_ENDPOINT"):
+        publish(recipe_for("huggingface"), model, {}, dry_run=True)

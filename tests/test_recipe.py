@@ -125,3 +125,18 @@ def test_cli_schema_is_json_schema_of_the_recipe(tmp_path):
 def test_removed_target_field_says_what_to_do():
     with pytest.raises(RecipeError, match=r"target: this field was removed .* the verb picks"):
         parse_recipe({"target": "local"})
+
+
+def test_yaml_aliases_are_refused_quickly(tmp_path):
+    """A 'billion laughs' recipe: nine levels of nine aliases would expand to 387 million items."""
+    import subprocess
+    import sys
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(levels) + "\nname: bomb\n")
+    run = subprocess.run([sys.executable, "-m", "deploy", "validate", str(bomb)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "line 2 uses a YAML alias" in run.stderr  # refused, unexpanded
+    assert "Traceback" not in run.stderr

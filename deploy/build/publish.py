@@ -139,10 +139,19 @@ def _to_huggingface(recipe: Recipe, folder: Path, files: list[str], card: str, t
         raise PublishError(f"Hugging Face refused the upload to {repo} ({status}: "
                            f"{hint.get(status, 'see the hub status')}). Check publish.repo and the "
                            f"token in ${recipe.publish.token_env or 'HF_TOKEN'}.") from None
-    except OSError as exc:
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
         raise PublishError(f"Cannot reach the hub ({type(exc).__name__}): check the network or "
                            "HF_ENDPOINT, then run the build again; finished steps are kept.") from None
     return {"url": commit.commit_url, "head": commit.oid, "plan": plan.as_dict()}
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A network failure, whichever HTTP library raised it: OSError, or a transport error of
+    httpx or of the httpx fork that huggingface_hub 1.x ships (httpx2), matched by class name."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, OSError) or bool(names & {"TransportError", "NetworkError", "TimeoutException"})
 
 
 def _refuse_if_changed(target: str, head: str | None, last: dict, overwrite: bool, *,

@@ -45,6 +45,16 @@ def model_config(recipe: Recipe) -> dict:
     """The model's config.json, without fetching or converting any weights."""
     import json
 
+    try:
+        return _model_config(recipe)
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"{recipe.model.id or recipe.model.path}: its config.json is not "
+                               f"valid JSON ({exc}). Fetch the model again, or fix the file.") from None
+
+
+def _model_config(recipe: Recipe) -> dict:
+    import json
+
     source = recipe.model.source
     if source == "local":
         path = recipe.resolve(recipe.model.path) / "config.json"

@@ -11,6 +11,7 @@ engine runs underneath. Scripts use the sync methods:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -23,6 +24,8 @@ from deploy.engines import Delta, Engine, GenerationParams, Message, engine_conf
 from deploy.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
+
+MIN_TEMPERATURE = 1e-5  # below this a temperature is served as greedy decoding
 
 
 class Assistant:
@@ -51,7 +54,24 @@ class Assistant:
         given.setdefault("max_tokens", self.recipe.serve.max_tokens)
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
+        if 0 < given.get("temperature", 0) < MIN_TEMPERATURE:
+            # Logits divided by 1e-40 overflow to inf and sampling fails; this close to 0, the
+            # distribution is the argmax anyway.
+            given["temperature"] = 0.0
         return GenerationParams(**given)
+
+    def cannot_fit(self, messages: list[Message]) -> bool:
+        """True when the messages' text is so long that no tokenization fits the session, known
+        without tokenizing (which for a 1 MiB prompt costs seconds): no token of the vocabulary
+        spells more than `max_token_bytes` bytes."""
+        size = sum(len(m["content"].encode()) for m in messages)
+        return size > self.engine.session_len * self.max_token_bytes
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        # Token strings as the vocabulary spells them (byte-level 'Ġ', SentencePiece '▁' and
+        # '<0x41>') are at least as long in UTF-8 as the bytes they stand for: an upper bound.
+        return max((len(t.encode()) for t in self.engine.tokenizer.get_vocab()), default=1)
 
     def messages(self, messages: list[Message]) -> list[Message]:
         """The conversation as the engine sees it: the recipe's system prompt first if it has one."""

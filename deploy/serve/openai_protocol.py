@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deploy.engines import Delta
 
@@ -17,11 +17,29 @@ class _TextPart(BaseModel):
     text: str
 
 
+def _utf8(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800") that no tokenizer can encode: refuse it here,
+    as a 400 that names the field, not as a 500 from deep in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a character that is not valid Unicode ({exc.reason} at "
+                         f"position {exc.start})") from None
+    return text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`, which changes nothing here
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[_TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_text(cls, value):
+        for text in [value] if isinstance(value, str) else [p.text for p in value]:
+            _utf8(text)
+        return value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(
@@ -47,12 +65,19 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is served.")
     # Accepted for compatibility; they do not change the answer here.
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _valid_stops(cls, value):
+        for text in [value] if isinstance(value, str) else value or []:
+            _utf8(text)
+        return value
 
     def plain_messages(self) -> list[dict[str, str]]:
         # "developer" is the newer OpenAI name for the system role; chat templates know "system".

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,6 +97,34 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class KeyGuard:
+    """Refuses, with a 401 and before reading a byte of the body, every request to an API path
+    that lacks `Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 has it). Placed
+    outside the body limit: an unauthenticated caller can make the server read nothing, and
+    learns nothing about the API (not its validation errors, nor its schema at /docs)."""
+
+    OPEN = ("/health",)  # for load balancers and container health checks
+
+    def __init__(self, app, api_key: str, guarded: tuple[str, ...]):
+        self.app, self.key, self.guarded = app, api_key.encode(), guarded
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.OPEN or not path.startswith(self.guarded):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        body = json.dumps(error_body("Missing or wrong API key: send 'Authorization: Bearer KEY'.",
+                                     "authentication_error", code="invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class _State:
     """The assistant once loaded, or why it is not there yet."""
 
@@ -135,6 +163,9 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
 
     app = FastAPI(title=f"xlab-deploy: {recipe.name}", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=recipe.serve.max_request_bytes)
+    if api_key is not None:  # added last, so it runs first: before the body is read
+        app.add_middleware(KeyGuard, api_key=api_key,
+                           guarded=("/v1", "/memory", "/docs", "/redoc", "/openapi.json"))
     pending = 0  # chat requests admitted and not finished; bounded by serve.max_pending
 
     @app.exception_handler(ApiError)
@@ -150,17 +181,16 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         message = f"{param or 'body'}: {first['msg']}"
         return JSONResponse(error_body(message, param=param), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Every error body is OpenAI-style JSON, a bug's too; the traceback goes to the log.
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        return JSONResponse(error_body("The server failed on this request; its log says why.",
+                                       "server_error"), status_code=500)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.",
-                           "authentication_error", code="invalid_api_key")
 
     @app.get("/health")
     async def health():
@@ -173,22 +203,18 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         return JSONResponse({"status": status, "model": recipe.name, "error": state.error},
                             status_code=503)
 
-    # As a dependency the key is checked before the body is parsed: a caller without the key
-    # learns nothing about the API, not even its validation errors.
-    keyed = [Depends(check_key)]
-
-    @app.get("/v1/models", dependencies=keyed)
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
             {"id": recipe.name, "object": "model", "created": 0, "owned_by": "xlab-deploy"}
         ]}
 
-    @app.get("/memory", dependencies=keyed)
+    @app.get("/memory")
     async def memory():
         current = state.ready()
         return await asyncio.to_thread(memory_report, current.engine, recipe)
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         nonlocal pending
         current = state.ready()
@@ -200,7 +226,12 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
                            f"{recipe.name!r}.", param="model", code="model_not_found")
         messages = body.plain_messages()
-        prompt_tokens = current.count_tokens(messages)
+        if current.cannot_fit(messages):
+            raise ApiError(400, f"The messages are too long for engine.session_len "
+                           f"({current.engine.session_len} tokens): shorten them.",
+                           param="messages", code="context_length_exceeded")
+        # Off the event loop: a long prompt takes the tokenizer a while, and /health must answer.
+        prompt_tokens = await asyncio.to_thread(current.count_tokens, messages)
         if prompt_tokens >= current.engine.session_len:
             raise ApiError(400, str(PromptTooLongError(prompt_tokens, current.engine.session_len)),
                            param="messages", code="context_length_exceeded")
