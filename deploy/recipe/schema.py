@@ -168,6 +168,7 @@ class Serve(_Section):
     api_key_env: str | None = Field(
         None, description="Name of the env var holding the API key that /v1/* and /memory require."
     )
+    metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
 
     @field_validator("api_key_env")
     @classmethod

@@ -17,13 +17,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.capacity.memory import memory_report
-from deploy.engines import PromptTooLongError
+from deploy.engines import Delta, PromptTooLongError
 from deploy.recipe import Recipe, RecipeError
 from deploy.serve.assistant import Assistant
+from deploy.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from deploy.serve.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -154,13 +155,18 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         app.state.loop = asyncio.get_running_loop()
         loader = None
         if state.assistant is None:
-            loader = asyncio.create_task(_load(recipe, state, loading))
+            loader = asyncio.create_task(_load(recipe, state, loading, metrics))
         yield
         if loader is not None and not loader.done():
             loader.cancel()
         if state.assistant is not None and assistant is None:  # close only what we opened
             state.assistant.close()
 
+    metrics = ServerMetrics(recipe.name, {"weights": recipe.quantization.weights,
+                                          "kv_cache": recipe.quantization.kv_cache}) \
+        if recipe.serve.metrics else None
+    if metrics is not None and assistant is not None:
+        metrics.engine_loaded(assistant.engine.name)
     app = FastAPI(title=f"xlab-deploy: {recipe.name}", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=recipe.serve.max_request_bytes)
     if api_key is not None:  # added last, so it runs first: before the body is read
@@ -168,12 +174,18 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
                            guarded=("/v1", "/memory", "/docs", "/redoc", "/openapi.json"))
     pending = 0  # chat requests admitted and not finished; bounded by serve.max_pending
 
+    def count(request: Request, status: int) -> None:
+        if metrics is not None and request.url.path.startswith("/v1/chat"):
+            metrics.requests.labels(str(status)).inc()
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
+        count(request, exc.status)
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        count(request, 400)
         first = exc.errors()[0]
         if first["type"] == "json_invalid":  # its loc is a character offset, not a field
             return JSONResponse(error_body("The request body is not valid JSON."), status_code=400)
@@ -185,6 +197,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     async def _unexpected(request: Request, exc: Exception):
         # Every error body is OpenAI-style JSON, a bug's too; the traceback goes to the log.
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        count(request, 500)
         return JSONResponse(error_body("The server failed on this request; its log says why.",
                                        "server_error"), status_code=500)
 
@@ -203,6 +216,14 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         return JSONResponse({"status": status, "model": recipe.name, "error": state.error},
                             status_code=503)
 
+    if metrics is not None:
+        @app.get("/metrics")
+        async def prometheus_metrics():
+            engine = state.assistant.engine if state.assistant is not None else None
+            report = await asyncio.to_thread(engine.memory) if engine is not None else None
+            metrics.in_flight.set(pending)
+            return Response(metrics.render(report), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
@@ -217,6 +238,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         nonlocal pending
+        received = time.perf_counter()
         current = state.ready()
         if pending >= recipe.serve.max_pending:
             raise ApiError(503, f"The server is busy: {pending} requests are in flight "
@@ -243,9 +265,16 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         if not body.stream:
             pending += 1
             try:
-                answer = await current.achat(messages, params)
+                pieces, last = [], Delta()
+                async for delta in _observed(current.astream(messages, params), received, metrics):
+                    pieces.append(delta.text)
+                    last = delta
+                answer = Delta("".join(pieces), last.finish_reason, last.prompt_tokens,
+                               last.completion_tokens)
             finally:
                 pending -= 1
+            if metrics is not None:
+                metrics.requests.labels("200").inc()
             return completion_body(completion_id, recipe.name, answer)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -255,12 +284,15 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             nonlocal pending
             pending += 1
             try:
-                async for chunk in _sse(current.astream(messages, params), completion_id,
-                                        recipe.name, include_usage):
+                async for chunk in _sse(_observed(current.astream(messages, params), received,
+                                                  metrics), completion_id, recipe.name,
+                                        include_usage):
                     yield chunk
             finally:  # also when the client leaves mid-stream
                 pending -= 1
 
+        if metrics is not None:
+            metrics.requests.labels("200").inc()
         return StreamingResponse(
             counted(), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -273,6 +305,24 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
 
         app = gr.mount_gradio_app(app, build_ui(recipe, state.ready), path="/")
     return app
+
+
+async def _observed(stream: AsyncIterator[Delta], received: float,
+                    metrics: ServerMetrics | None) -> AsyncIterator[Delta]:
+    """The engine's stream, passed through; a generation that finishes is timed into metrics."""
+    first = last = None
+    try:
+        async for delta in stream:
+            if first is None and delta.text:
+                first = time.perf_counter()
+            last = delta
+            yield delta
+    finally:
+        await stream.aclose()
+        if metrics is not None and last is not None and last.finish_reason:
+            metrics.observe(started=received, first=first, ended=time.perf_counter(),
+                            prompt_tokens=last.prompt_tokens,
+                            completion_tokens=last.completion_tokens)
 
 
 async def _sse(stream: AsyncIterator, completion_id: str, model: str,
@@ -297,13 +347,16 @@ async def _sse(stream: AsyncIterator, completion_id: str, model: str,
     yield SSE_DONE
 
 
-async def _load(recipe: Recipe, state: _State, loading: concurrent.futures.Future | None) -> None:
+async def _load(recipe: Recipe, state: _State, loading: concurrent.futures.Future | None,
+                metrics: ServerMetrics | None = None) -> None:
     started = time.perf_counter()
     try:
         if loading is not None:
             state.assistant = await asyncio.wrap_future(loading)
         else:
             state.assistant = await asyncio.to_thread(Assistant.from_recipe, recipe)
+        if metrics is not None:
+            metrics.engine_loaded(state.assistant.engine.name)
         log.info("ready in %.1fs since the server started listening: %s on %s",
                  time.perf_counter() - started, recipe.name, state.assistant.engine.name)
     except Exception as exc:
