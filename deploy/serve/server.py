@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
@@ -37,6 +38,10 @@ from deploy.serve.openai_protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+# A queued stream sends an SSE comment this often until its first token: idle connections get
+# cut by proxies (nginx's default read timeout is 60 s) and by impatient clients.
+KEEPALIVE_SECONDS = 15.0
 
 
 class ApiError(Exception):
@@ -235,66 +240,69 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         current = state.ready()
         return await asyncio.to_thread(memory_report, current.engine, recipe)
 
+    def release_slot() -> None:
+        nonlocal pending
+        pending -= 1
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         nonlocal pending
         received = time.perf_counter()
         current = state.ready()
+        # Admitted or refused here, with no await in between: a burst never gets past the limit.
         if pending >= recipe.serve.max_pending:
             raise ApiError(503, f"The server is busy: {pending} requests are in flight "
                            f"(serve.max_pending). Retry shortly.", "server_error",
                            headers={"Retry-After": "2"})
-        if body.model != recipe.name:
-            raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
-                           f"{recipe.name!r}.", param="model", code="model_not_found")
-        messages = body.plain_messages()
-        if current.cannot_fit(messages):
-            raise ApiError(400, f"The messages are too long for engine.session_len "
-                           f"({current.engine.session_len} tokens): shorten them.",
-                           param="messages", code="context_length_exceeded")
-        # Off the event loop: a long prompt takes the tokenizer a while, and /health must answer.
-        prompt_tokens = await asyncio.to_thread(current.count_tokens, messages)
-        if prompt_tokens >= current.engine.session_len:
-            raise ApiError(400, str(PromptTooLongError(prompt_tokens, current.engine.session_len)),
-                           param="messages", code="context_length_exceeded")
-        params = current.params(
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-        )
-        completion_id = new_completion_id()
-        if not body.stream:
-            pending += 1
-            try:
-                pieces, last = [], Delta()
-                async for delta in _observed(current.astream(messages, params), received, metrics):
-                    pieces.append(delta.text)
-                    last = delta
-                answer = Delta("".join(pieces), last.finish_reason, last.prompt_tokens,
-                               last.completion_tokens)
-            finally:
-                pending -= 1
-            if metrics is not None:
-                metrics.requests.labels("200").inc()
-            return completion_body(completion_id, recipe.name, answer)
+        pending += 1
+        slot = _Slot(release_slot)
+        try:
+            if body.model != recipe.name:
+                raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
+                               f"{recipe.name!r}.", param="model", code="model_not_found")
+            messages = body.plain_messages()
+            if current.cannot_fit(messages):
+                raise ApiError(400, f"The messages are too long for engine.session_len "
+                               f"({current.engine.session_len} tokens): shorten them.",
+                               param="messages", code="context_length_exceeded")
+            # Off the event loop: a long prompt takes the tokenizer a while; /health must answer.
+            prompt_tokens = await asyncio.to_thread(current.count_tokens, messages)
+            if prompt_tokens >= current.engine.session_len:
+                raise ApiError(400, str(PromptTooLongError(prompt_tokens,
+                                                           current.engine.session_len)),
+                               param="messages", code="context_length_exceeded")
+            params = current.params(
+                max_tokens=body.max_completion_tokens or body.max_tokens,
+                temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+            )
+            completion_id = new_completion_id()
+            stream = _observed(current.astream(messages, params), received, metrics)
+            if not body.stream:
+                answer = await _unless_client_leaves(request, _joined(stream))
+                if answer is None:  # the client left: generation was cancelled with it
+                    return Response(status_code=499)
+                if metrics is not None:
+                    metrics.requests.labels("200").inc()
+                return completion_body(completion_id, recipe.name, answer)
+        except BaseException:
+            slot.release()
+            raise
+        finally:
+            if not body.stream:
+                slot.release()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def counted():
-            # Counted from the first read: a response never started (the client left first)
-            # holds no slot, and one abandoned mid-stream frees its slot in `finally`.
-            nonlocal pending
-            pending += 1
+        async def events():
             try:
-                async for chunk in _sse(_observed(current.astream(messages, params), received,
-                                                  metrics), completion_id, recipe.name,
-                                        include_usage):
+                async for chunk in _sse(stream, completion_id, recipe.name, include_usage):
                     yield chunk
             finally:  # also when the client leaves mid-stream
-                pending -= 1
+                slot.release()
 
         if metrics is not None:
             metrics.requests.labels("200").inc()
-        return StreamingResponse(
-            counted(), media_type="text/event-stream",
+        return _SlotResponse(
+            slot, events(), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
@@ -305,6 +313,64 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
 
         app = gr.mount_gradio_app(app, build_ui(recipe, state.ready), path="/")
     return app
+
+
+class _Slot:
+    """One admitted chat request's place under serve.max_pending, given back exactly once."""
+
+    def __init__(self, release):
+        self._release = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+
+
+class _SlotResponse(StreamingResponse):
+    """A stream that gives its slot back however it ends, also when its body was never started
+    (the client left before the first read, and the generator's own `finally` never runs)."""
+
+    def __init__(self, slot: _Slot, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
+async def _joined(stream: AsyncIterator[Delta]) -> Delta:
+    pieces, last = [], Delta()
+    async for delta in stream:
+        pieces.append(delta.text)
+        last = delta
+    return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+async def _unless_client_leaves(request: Request, work):
+    """`work`'s result, or None if the client disconnects first; then `work` is cancelled, which
+    stops the generation (a non-streaming request has no stream for the client to close)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("client left before its answer: generation cancelled")
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _observed(stream: AsyncIterator[Delta], received: float,
@@ -325,13 +391,39 @@ async def _observed(stream: AsyncIterator[Delta], received: float,
                             completion_tokens=last.completion_tokens)
 
 
+async def _ticking_until_first(stream: AsyncIterator[Delta], seconds: float):
+    """The stream's deltas; while the first one is awaited (the request is queued behind others),
+    a None every `seconds`. After it, deltas pass straight through (no task per token)."""
+    first = asyncio.ensure_future(anext(stream))
+    try:
+        while not first.done():
+            done, _ = await asyncio.wait({first}, timeout=seconds)
+            if not done:
+                yield None
+    finally:
+        if not first.done():  # the client left while queued
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await first
+    try:
+        delta = first.result()
+    except StopAsyncIteration:
+        return
+    yield delta
+    async for delta in stream:
+        yield delta
+
+
 async def _sse(stream: AsyncIterator, completion_id: str, model: str,
                include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     yield sse_chunk(completion_id, model, created, {"role": "assistant", "content": ""})
     content = content_chunk_framer(completion_id, model, created)
     try:
-        async for delta in stream:
+        async for delta in _ticking_until_first(stream, KEEPALIVE_SECONDS):
+            if delta is None:  # still queued: an SSE comment keeps proxies and clients waiting
+                yield ": keep-alive\n\n"
+                continue
             if delta.text:
                 yield content(delta.text)
             if delta.finish_reason:
