@@ -38,6 +38,17 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # OpenAI's: subtract penalty x count (frequency) or penalty once (presence) from the logits of
+    # tokens already generated. HF's: divide positive logits of any token already seen (prompt
+    # included) by repetition_penalty, multiply negative ones.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def non_default(self) -> set[str]:
+        """The optional settings this request changes from their neutral values."""
+        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+        return {name for name, value in neutral.items() if getattr(self, name) != value}
 
 
 @dataclass
@@ -75,6 +86,9 @@ class Engine(ABC):
     name: str  # e.g. "transformers", "lmdeploy-pytorch"
     session_len: int
     model_config: dict  # the model's config.json, for the memory prediction
+    # Optional GenerationParams settings the engine implements; the server refuses the others
+    # with a 400 that names them, never ignoring them.
+    supports: frozenset[str] = frozenset()
 
     @abstractmethod
     def stream_chat(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[Delta]:

@@ -46,7 +46,11 @@ class Request:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times
     generated: int = 0
     length: int = 0  # tokens of this row in the KV cache (padding excluded)
     last: int = 0  # the token the next step feeds
@@ -240,6 +244,7 @@ class Batcher:
         """Hand `token` to its request; True when that request has finished."""
         request.generated += 1
         request.last = token
+        request.counts[token] = request.counts.get(token, 0) + 1
         request.sink([token])
         finished = (token in self.eos or request.generated >= request.max_new
                     or request.cancelled.is_set())
@@ -249,6 +254,9 @@ class Batcher:
 
     def _pick(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
         logits = logits.float()
+        for i, r in enumerate(rows):
+            if r.presence_penalty or r.frequency_penalty or r.repetition_penalty != 1.0:
+                logits[i] = penalized(logits[i], r)
         picked = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
             if r.temperature > 0:
@@ -427,6 +435,21 @@ def _layers(cache: DynamicCache):
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(t, (0, 0, length - t.shape[-2], 0))
+
+
+def penalized(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """One row's logits with its request's penalties applied (a new tensor)."""
+    logits = logits.clone()
+    if request.counts and (request.presence_penalty or request.frequency_penalty):
+        ids = torch.tensor(list(request.counts), device=logits.device)
+        times = torch.tensor(list(request.counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= request.frequency_penalty * times + request.presence_penalty
+    if request.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.prompt) | set(request.counts)), device=logits.device)
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / request.repetition_penalty,
+                                   values * request.repetition_penalty)
+    return logits
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:

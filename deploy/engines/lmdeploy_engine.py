@@ -112,6 +112,8 @@ def lmdeploy_config(config: EngineConfig, model_config: dict):
 
 
 class LMDeployEngine(Engine):
+    supports = frozenset({"repetition_penalty"})  # LMDeploy 0.18 has no presence/frequency penalty
+
     def __init__(self, model_dir: Path, config: EngineConfig):
         backend = config.backend
         self.name = backend
@@ -183,6 +185,7 @@ class LMDeployEngine(Engine):
             temperature=params.temperature if sampling else 1.0,
             top_p=params.top_p,
             random_seed=params.seed,
+            repetition_penalty=params.repetition_penalty,
             stop_token_ids=self.stop_ids,
             skip_special_tokens=True,
         )

@@ -38,6 +38,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 class TransformersEngine(Engine):
     name = "transformers"
+    supports = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty"})
 
     def __init__(
         self,
@@ -99,7 +100,10 @@ class TransformersEngine(Engine):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         request = Request(prompt=prompt, max_new=max_new, sink=sink, temperature=params.temperature,
-                          top_p=params.top_p, seed=params.seed)
+                          top_p=params.top_p, seed=params.seed,
+                          presence_penalty=params.presence_penalty,
+                          frequency_penalty=params.frequency_penalty,
+                          repetition_penalty=params.repetition_penalty)
         self._batcher.submit(request)
         decoder = incremental_decoder(self.tokenizer)
         stops = StopMatcher(params.stop)

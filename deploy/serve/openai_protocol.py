@@ -67,10 +67,33 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit integer, as OpenAI's
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is served.")
-    # Accepted for compatibility; they do not change the answer here.
-    user: str | None = None
+    user: str | None = None  # for the client's own tracking; changes nothing
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's and LMDeploy's extra
+    # Fields an engine may not implement: set to anything but their neutral value, they are
+    # served where the engine can and refused with a 400 naming them where it cannot.
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    def features(self) -> list[str]:
+        """The optional features this request asks for, by the field that asks."""
+        wanted = {
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+            "logprobs": bool(self.logprobs or self.top_logprobs),
+            "logit_bias": bool(self.logit_bias),
+            "response_format": bool(self.response_format)
+            and self.response_format.get("type") != "text",
+            "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
+        }
+        return [name for name, asked in wanted.items() if asked]
 
     @field_validator("stop")
     @classmethod

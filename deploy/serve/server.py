@@ -271,9 +271,17 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
                 raise ApiError(400, str(PromptTooLongError(prompt_tokens,
                                                            current.engine.session_len)),
                                param="messages", code="context_length_exceeded")
+            missing = [f for f in body.features() if f not in current.engine.supports]
+            if missing:
+                raise ApiError(400, f"{missing[0]} is not implemented by the "
+                               f"{current.engine.name} engine; remove it, or serve with an engine "
+                               "that has it (README: which engine serves which field).",
+                               param=missing[0], code="unsupported_parameter")
             params = current.params(
                 max_tokens=body.max_completion_tokens or body.max_tokens,
                 temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
             )
             completion_id = new_completion_id()
             stream = _observed(current.astream(messages, params), received, metrics)
