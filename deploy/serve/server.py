@@ -319,7 +319,14 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
 
         from deploy.serve.ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(recipe, state.ready), path="/")
+        auth = None
+        if api_key is not None:  # the page and Gradio's own API ask for the key too
+            def auth(username: str, password: str) -> bool:
+                return hmac.compare_digest(password.encode(), api_key.encode())
+        app = gr.mount_gradio_app(
+            app, build_ui(recipe, state.ready), path="/", auth=auth,
+            auth_message=f"Log in with any user name and the server's API key (the value of "
+                          f"${recipe.serve.api_key_env}) as the password." if auth else None)
     return app
 
 

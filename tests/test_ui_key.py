@@ -1,0 +1,80 @@
+"""With serve.api_key_env set in gradio mode, no answer comes without the key: not from the page
+(Chromium), not from Gradio's own API (gradio_client), not from /v1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import httpx
+import pytest
+from conftest import LiveServer, in_ci
+
+from deploy.serve.server import create_app
+
+KEY = "ui-s3cret"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def keyed_ui(recipe, assistant):
+    os.environ["TEST_UI_KEY"] = KEY
+    guarded = recipe.model_copy(deep=True)
+    guarded.serve.api_key_env = "TEST_UI_KEY"
+    with LiveServer(create_app(guarded, assistant, ui=True)) as live:
+        yield live
+    del os.environ["TEST_UI_KEY"]
+
+
+def test_gradio_api_needs_the_key(keyed_ui):
+    from gradio_client import Client
+
+    with pytest.raises(Exception):  # noqa: B017 - gradio_client raises several kinds here
+        Client(keyed_ui.url + "/", verbose=False).predict(QUESTION, api_name="/chat")
+    with pytest.raises(Exception):  # noqa: B017
+        Client(keyed_ui.url + "/", auth=("anyone", "wrong"), verbose=False)
+    answer = Client(keyed_ui.url + "/", auth=("anyone", KEY), verbose=False).predict(
+        QUESTION, 0.0, 16, api_name="/chat")
+    assert "Paris" in str(answer)
+    assert httpx.post(keyed_ui.url + "/v1/chat/completions", json={}).status_code == 401
+
+
+@pytest.mark.browser
+def test_the_page_asks_for_the_key_then_chats(keyed_ui, recipe):
+    if not shutil.which("chromium"):
+        if in_ci():
+            pytest.fail("chromium is missing in CI")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+    from test_ui_browser import CHROMIUM, FLAGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page()
+        page.goto(keyed_ui.url + "/", wait_until="domcontentloaded", timeout=60_000)
+        password = page.locator("input[type=password]")
+        password.wait_for(timeout=60_000)
+        assert recipe.serve.examples[0] not in page.content()  # nothing of the app before login
+        page.locator("input[type=text]").first.fill("someone")
+        password.fill("wrong")
+        password.press("Enter")
+        page.wait_for_timeout(1500)
+        assert page.locator("input[type=password]").count() == 1  # still the login page
+        page.locator("input[type=text]").first.fill("someone")  # the failed login cleared it
+        password.fill(KEY)
+        password.press("Enter")
+        page.wait_for_function(
+            f"() => document.body.innerText.includes({recipe.serve.title!r})", timeout=60_000)
+        box = page.get_by_role("textbox").first
+        box.fill(QUESTION)
+        box.press("Enter")
+        page.wait_for_function(
+            "() => { const b = document.querySelectorAll('[data-testid=\"bot\"]');"
+            " return b.length && b[b.length - 1].innerText.includes('Paris'); }",
+            timeout=60_000,
+        )
+        page.get_by_text("Memory", exact=True).click()
+        page.get_by_role("button", name="Refresh").click()
+        page.wait_for_function("() => document.body.innerText.includes('Weights')", timeout=30_000)
+        assert "transformers" in page.inner_text("body")
+        browser.close()
