@@ -1,5 +1,6 @@
-"""With serve.api_key_env set in gradio mode, no answer comes without the key: not from the page
-(Chromium), not from Gradio's own API (gradio_client), not from /v1."""
+"""The UI's guard rails. With serve.api_key_env set in gradio mode no answer comes without the
+key: not from the page (Chromium), not from Gradio's own API (gradio_client), not from /v1. And
+gradio mode answers no CORS preflight."""
 
 from __future__ import annotations
 
@@ -78,3 +79,14 @@ def test_the_page_asks_for_the_key_then_chats(keyed_ui, recipe):
         page.wait_for_function("() => document.body.innerText.includes('Weights')", timeout=30_000)
         assert "transformers" in page.inner_text("body")
         browser.close()
+
+
+def test_gradio_mode_answers_no_cors_preflight(gradio_server):
+    """Gradio's own CORS middleware allowed localhost origins with credentials, on our API's
+    paths too (its app is mounted at the root); the kit removes it."""
+    for origin in ("http://localhost:3000", "http://evil.example"):
+        for path in ("/v1/chat/completions", "/gradio_api/queue/join", "/"):
+            response = httpx.options(gradio_server.url + path, headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST"})
+            assert "access-control-allow-origin" not in response.headers, (origin, path)
+            assert "access-control-allow-credentials" not in response.headers, (origin, path)

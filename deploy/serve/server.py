@@ -327,6 +327,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             app, build_ui(recipe, state.ready), path="/", auth=auth,
             auth_message=f"Log in with any user name and the server's API key (the value of "
                           f"${recipe.serve.api_key_env}) as the password." if auth else None)
+        _without_gradio_cors(app)
     return app
 
 
@@ -404,6 +405,19 @@ async def _observed(stream: AsyncIterator[Delta], received: float,
             metrics.observe(started=received, first=first, ended=time.perf_counter(),
                             prompt_tokens=last.prompt_tokens,
                             completion_tokens=last.completion_tokens)
+
+
+def _without_gradio_cors(app: FastAPI) -> None:
+    """Gradio's app, mounted at the root, answers every CORS preflight its routes or ours did not
+    claim, allowing localhost origins with credentials: a page on any local port could then call
+    the API, and Gradio's API with the login cookie. The page needs no CORS (it is served from
+    the same origin), so its CORS middleware is removed: CORS stays off, as in API mode."""
+    for route in app.routes:
+        sub = getattr(route, "app", None)
+        if getattr(route, "path", None) == "" and hasattr(sub, "user_middleware"):
+            sub.user_middleware = [m for m in sub.user_middleware
+                                   if m.cls.__name__ != "CustomCORSMiddleware"]
+            sub.middleware_stack = None  # rebuilt without it on the next request
 
 
 async def _ticking_until_first(stream: AsyncIterator[Delta], seconds: float):
