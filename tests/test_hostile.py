@@ -128,3 +128,21 @@ def test_over_long_prompts_are_refused_without_blocking_the_loop(keyed):
     for response in answers:
         assert assert_openai_error(response, 400, "messages")["code"] == "context_length_exceeded"
     assert statistics.median(delays) < 0.5, delays
+
+
+def test_a_trickling_body_gets_a_408(recipe, assistant, monkeypatch):
+    import deploy.serve.server as server_module
+
+    monkeypatch.setattr(server_module, "BODY_SECONDS", 1.0)
+    with LiveServer(create_app(recipe, assistant, ui=False)) as live:
+        port = int(live.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            sock.settimeout(10)
+            for _ in range(3):  # a byte now and then, never the whole body
+                time.sleep(0.4)
+                sock.sendall(b" ")
+            answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"error"' in answer

@@ -39,6 +39,10 @@ from deploy.serve.openai_protocol import (
 
 log = logging.getLogger(__name__)
 
+# A request body must arrive whole within this time: a client trickling a byte a second would
+# otherwise hold a connection (and its buffer) for as long as it likes.
+BODY_SECONDS = 15.0
+
 # A queued stream sends an SSE comment this often until its first token: idle connections get
 # cut by proxies (nginx's default read timeout is 60 s) and by impatient clients.
 KEEPALIVE_SECONDS = 15.0
@@ -72,8 +76,12 @@ class BodyLimit:
         # Read the whole body first (at most max_bytes), so that a chunked upload without a
         # declared length is refused before the app sees any of it.
         chunks, size = [], 0
+        deadline = time.monotonic() + BODY_SECONDS
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                return await self._too_slow(send)
             if message["type"] != "http.request":
                 return  # the client left
             chunks.append(message.get("body", b""))
@@ -92,6 +100,15 @@ class BodyLimit:
             return await receive()  # then the disconnect, when it comes
 
         return await self.app(scope, replay, send)
+
+    async def _too_slow(self, send) -> None:
+        body = json.dumps(error_body(
+            f"The request body did not arrive within {BODY_SECONDS:.0f} s; send it at once.")).encode()
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _refuse(self, send, size: int, qualifier: str = "") -> None:
         body = json.dumps(error_body(
