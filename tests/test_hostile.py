@@ -131,9 +131,7 @@ def test_over_long_prompts_are_refused_without_blocking_the_loop(keyed):
 
 
 def test_a_trickling_body_gets_a_408(recipe, assistant, monkeypatch):
-    import deploy.serve.server as server_module
-
-    monkeypatch.setattr(server_module, "BODY_SECONDS", 1.0)
+    monkeypatch.setattr("deploy.serve.guards.BODY_SECONDS", 1.0)
     with LiveServer(create_app(recipe, assistant, ui=False)) as live:
         port = int(live.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
