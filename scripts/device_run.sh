@@ -8,6 +8,7 @@
 #   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 #   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
+#   bash scripts/device_run.sh coldstart BACKEND     # scripts/cold_start.py, 3 runs, InternLM2-7B shapes
 #   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
 #   bash scripts/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
 # TurboMind: ../shared/device/fetch-turbomind-parts.sh .device/tm-parts makes 9 parts here; carry one
@@ -71,6 +72,12 @@ case "${1:-setup}" in
              mkdir -p "$OUT/$backend"
              cp "/tmp/internlm2-$backend"/internlm2.json "/tmp/internlm2-$backend"/*.log "$OUT/$backend"/ 2>/dev/null || true
              exit $status ;;
+  coldstart) backend=${2:-lmdeploy-turbomind}
+             weights=$MODELS/internlm2-7b
+             [ -f "$weights/config.json" ] || python3 scripts/make_random_internlm2.py "$weights" .device/tok32k --size 7b
+             printf 'name: cold-%s\nmodel:\n  source: local\n  path: %s\nengine:\n  backend: %s\n  dtype: float16\n  session_len: 4096\n  max_batch_size: 64\n  cache_max_entry_count: 0.2\nserve:\n  mode: api\n' \
+               "$backend" "$weights" "$backend" > "/tmp/cold-$backend.yaml"
+             python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 3 --json "$OUT/cold-$backend.json" ;;
   tm-stage) mkdir -p /tmp/tmparts && cp .device/tm-carry/part* /tmp/tmparts/ && ls /tmp/tmparts ;;
   tm-assemble) cp .device/tm-carry/MD5 /tmp/tmparts/ 2>/dev/null || true
                (cd /tmp/tmparts && cat part* | md5sum | diff - MD5) || { echo "TurboMind parts: MD5 differs" >&2; exit 1; }
