@@ -19,8 +19,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "ui.png")
     args = parser.parse_args()
+    from conftest import CHROMIUM, FLAGS
     from playwright.sync_api import sync_playwright
-    from test_ui_browser import CHROMIUM, FLAGS
 
     from deploy.recipe import load_recipe
     from deploy.serve.assistant import Assistant

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,25 @@ def hub(tmp_path, monkeypatch):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         yield app
     assert app.state.unexpected == [], "the fake hub saw calls it does not serve"
+
+
+# Debian's chromium, driven by Playwright, for the tests that load the Gradio page.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+# Module scope: Playwright's sync API runs an event loop on this thread while the browser lives,
+# and later tests call asyncio.run().
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which("chromium"):
+        if in_ci():
+            pytest.fail("chromium is missing in CI: .ci/run must install Debian's chromium")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield browser
+        browser.close()

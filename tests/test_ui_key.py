@@ -5,11 +5,10 @@ gradio mode answers no CORS preflight."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import httpx
 import pytest
-from conftest import LiveServer, in_ci
+from conftest import LiveServer
 
 from deploy.serve.server import create_app
 
@@ -41,44 +40,35 @@ def test_gradio_api_needs_the_key(keyed_ui):
 
 
 @pytest.mark.browser
-def test_the_page_asks_for_the_key_then_chats(keyed_ui, recipe):
-    if not shutil.which("chromium"):
-        if in_ci():
-            pytest.fail("chromium is missing in CI")
-        pytest.skip("Debian's chromium is not installed")
-    from playwright.sync_api import sync_playwright
-    from test_ui_browser import CHROMIUM, FLAGS
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page()
-        page.goto(keyed_ui.url + "/", wait_until="domcontentloaded", timeout=60_000)
-        password = page.locator("input[type=password]")
-        password.wait_for(timeout=60_000)
-        assert recipe.serve.examples[0] not in page.content()  # nothing of the app before login
-        page.locator("input[type=text]").first.fill("someone")
-        password.fill("wrong")
-        password.press("Enter")
-        page.wait_for_timeout(1500)
-        assert page.locator("input[type=password]").count() == 1  # still the login page
-        page.locator("input[type=text]").first.fill("someone")  # the failed login cleared it
-        password.fill(KEY)
-        password.press("Enter")
-        page.wait_for_function(
-            f"() => document.body.innerText.includes({recipe.serve.title!r})", timeout=60_000)
-        box = page.get_by_role("textbox").first
-        box.fill(QUESTION)
-        box.press("Enter")
-        page.wait_for_function(
-            "() => { const b = document.querySelectorAll('[data-testid=\"bot\"]');"
-            " return b.length && b[b.length - 1].innerText.includes('Paris'); }",
-            timeout=60_000,
-        )
-        page.get_by_text("Memory", exact=True).click()
-        page.get_by_role("button", name="Refresh").click()
-        page.wait_for_function("() => document.body.innerText.includes('Weights')", timeout=30_000)
-        assert "transformers" in page.inner_text("body")
-        browser.close()
+def test_the_page_asks_for_the_key_then_chats(browser, keyed_ui, recipe):
+    page = browser.new_page()
+    page.goto(keyed_ui.url + "/", wait_until="domcontentloaded", timeout=60_000)
+    password = page.locator("input[type=password]")
+    password.wait_for(timeout=60_000)
+    assert recipe.serve.examples[0] not in page.content()  # nothing of the app before login
+    page.locator("input[type=text]").first.fill("someone")
+    password.fill("wrong")
+    password.press("Enter")
+    page.wait_for_timeout(1500)
+    assert page.locator("input[type=password]").count() == 1  # still the login page
+    page.locator("input[type=text]").first.fill("someone")  # the failed login cleared it
+    password.fill(KEY)
+    password.press("Enter")
+    page.wait_for_function(
+        f"() => document.body.innerText.includes({recipe.serve.title!r})", timeout=60_000)
+    box = page.get_by_role("textbox").first
+    box.fill(QUESTION)
+    box.press("Enter")
+    page.wait_for_function(
+        "() => { const b = document.querySelectorAll('[data-testid=\"bot\"]');"
+        " return b.length && b[b.length - 1].innerText.includes('Paris'); }",
+        timeout=60_000,
+    )
+    page.get_by_text("Memory", exact=True).click()
+    page.get_by_role("button", name="Refresh").click()
+    page.wait_for_function("() => document.body.innerText.includes('Weights')", timeout=30_000)
+    assert "transformers" in page.inner_text("body")
+    page.close()
 
 
 def test_gradio_mode_answers_no_cors_preflight(gradio_server):

@@ -112,12 +112,17 @@ class Engine(ABC):
 
     async def chat(self, messages: list[Message], params: GenerationParams) -> Delta:
         """The whole answer at once: the streamed pieces joined, with the final counts."""
-        pieces: list[str] = []
-        last = Delta()
-        async for delta in self.stream_chat(messages, params):
-            pieces.append(delta.text)
-            last = delta
-        return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return await joined(self.stream_chat(messages, params))
+
+
+async def joined(stream: AsyncIterator[Delta]) -> Delta:
+    """A stream's pieces joined into one Delta, with the last one's finish reason and counts."""
+    pieces: list[str] = []
+    last = Delta()
+    async for delta in stream:
+        pieces.append(delta.text)
+        last = delta
+    return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
 
 class StopMatcher:

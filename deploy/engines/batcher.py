@@ -270,7 +270,7 @@ class Batcher:
             self._rows, self._cache, self._mask = list(requests), cache, mask
             return
         length = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(_layers(self._cache), _layers(cache), strict=True):
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
             old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
         self._mask = torch.cat([F.pad(self._mask, (length - self._mask.shape[1], 0)),
@@ -287,7 +287,7 @@ class Batcher:
         index = torch.tensor(keep, device=self.device)
         mask = self._mask[index]
         start = int(mask.any(0).nonzero()[0])  # columns before it are padding in every row
-        for layer in _layers(self._cache):
+        for layer in self._cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
         self._mask = mask[:, start:]
@@ -343,7 +343,7 @@ class _SharedPrefix:
         n = len(self.ids)
         if not n or n >= len(prompt) or prompt[:n] != self.ids:
             return 0
-        for layer, (keys, values) in zip(_layers(cache), self.kv, strict=True):
+        for layer, (keys, values) in zip(cache.layers, self.kv, strict=True):
             _initialize(layer, keys, values)  # copied on the first update, never written
         return n
 
@@ -354,7 +354,7 @@ class _SharedPrefix:
             return
         self.ids = prompt[:common]
         self.kv = [(layer.keys[:, :, :common].clone(), layer.values[:, :, :common].clone())
-                   for layer in _layers(cache)]
+                   for layer in cache.layers]
 
 
 def _common_start(a: list[int], b: list[int]) -> int:
@@ -427,10 +427,6 @@ def _cache_keyword(model) -> str:
     # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns, and goes
     # in 5.40); older releases know only the old one.
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _layers(cache: DynamicCache):
-    return cache.layers
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

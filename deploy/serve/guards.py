@@ -87,14 +87,12 @@ class KeyGuard:
     outside the body limit: an unauthenticated caller can make the server read nothing, and
     learns nothing about the API (not its validation errors, nor its schema at /docs)."""
 
-    OPEN = ("/health",)  # for load balancers and container health checks
-
     def __init__(self, app, api_key: str, guarded: tuple[str, ...]):
         self.app, self.key, self.guarded = app, api_key.encode(), guarded
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in self.OPEN or not path.startswith(self.guarded):
+        if scope["type"] != "http" or not path.startswith(self.guarded):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.capacity.memory import memory_report
 from deploy.engines import Delta, PromptTooLongError
+from deploy.engines.base import joined
 from deploy.recipe import Recipe, RecipeError
 from deploy.serve.assistant import Assistant
 from deploy.serve.guards import BodyLimit, KeyGuard
@@ -207,7 +208,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             completion_id = new_completion_id()
             stream = _observed(current.astream(messages, params), received, metrics)
             if not body.stream:
-                answer = await _unless_client_leaves(request, _joined(stream))
+                answer = await _unless_client_leaves(request, joined(stream))
                 if answer is None:  # the client left: generation was cancelled with it
                     return Response(status_code=499)
                 if metrics is not None:
@@ -277,14 +278,6 @@ class _SlotResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.slot.release()
-
-
-async def _joined(stream: AsyncIterator[Delta]) -> Delta:
-    pieces, last = [], Delta()
-    async for delta in stream:
-        pieces.append(delta.text)
-        last = delta
-    return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
 
 async def _unless_client_leaves(request: Request, work):
