@@ -81,3 +81,4 @@ def test_lmdeploy_streams_batches_and_reports_kv(gpu_recipe):
     assert memory.kv_capacity_tokens == memory.kv_blocks * memory.kv_block_size
     assert memory.kv_cache_bytes == memory.kv_capacity_tokens * memory.kv_bytes_per_token
     assert memory.settings["quant_policy"] == 8
+

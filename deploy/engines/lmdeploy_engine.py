@@ -112,7 +112,11 @@ def lmdeploy_config(config: EngineConfig, model_config: dict):
 
 
 class LMDeployEngine(Engine):
-    supports = frozenset({"repetition_penalty"})  # LMDeploy 0.18 has no presence/frequency penalty
+    # None of the optional settings: LMDeploy 0.18 has no presence/frequency penalty, and its
+    # PyTorch engine gave the same greedy answer with repetition_penalty 1.5 as without on the
+    # H100 (docs/data/h100-2026-11-26-transformers/gputest-repetition-penalty.log), so the server
+    # refuses it rather than claim it.
+    supports = frozenset()
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         backend = config.backend
@@ -185,7 +189,6 @@ class LMDeployEngine(Engine):
             temperature=params.temperature if sampling else 1.0,
             top_p=params.top_p,
             random_seed=params.seed,
-            repetition_penalty=params.repetition_penalty,
             stop_token_ids=self.stop_ids,
             skip_special_tokens=True,
         )
