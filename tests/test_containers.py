@@ -243,8 +243,8 @@ def test_openxlab_app_rehearsed_in_a_container_chats_in_chromium(engine, tmp_pat
     (apt-get packages.txt, pip requirements.txt, python app.py on 7860); Chromium chats with it."""
     if not shutil.which("chromium"):
         pytest.fail("chromium is missing") if in_ci() else pytest.skip("Debian's chromium is missing")
+    from conftest import CHROMIUM, FLAGS
     from playwright.sync_api import sync_playwright
-    from test_ui_browser import CHROMIUM, FLAGS
 
     client, _ = engine
     bundle = tmp_path / "app-bundle"
