@@ -78,6 +78,43 @@ def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, pro
     return 0
 
 
+def tune(recipe: Path, gpu: str | None, sessions: int | None, min_top1: float | None, goal: str,
+         budget: str, plan_only: bool, repeats: int, out: Path | None, tasks: Path | None,
+         batch_sizes: str | None, session_lens: str | None) -> int:
+    """Find the best settings for a GPU (or this CPU), a number of sessions and a quality floor:
+    the planner prunes the candidates, the benchmark measures the survivors within the budget, and
+    the winner is written as a recipe beside a report of every candidate."""
+    from deploy.build.sources import model_config
+    from deploy.tune import parse_budget
+    from deploy.tune import tune as run_tune
+
+    loaded = load_recipe(recipe)
+    out = out or Path("tune-results") / loaded.name
+    result = run_tune(loaded, model_config(loaded), out, gpu=gpu, sessions=sessions,
+                      min_top1=min_top1, goal=goal, budget_s=parse_budget(budget),
+                      plan_only=plan_only, repeats=repeats, tasks=tasks,
+                      batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+                      session_lens=_int_list(session_lens, "--session-lens"))
+    print(f"report: {result.report}")
+    if result.winner is None:
+        print("no candidate met the targets: the report says why each lost", file=sys.stderr)
+        return 3
+    print(f"winner: {result.winner.label}; recipe: {result.recipe}")
+    return 0
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise RecipeError(f"{flag} {text!r}: give positive whole numbers separated by commas, e.g. 8,16.")
+    return values
+
+
 def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int,
           force: bool, ca_bundle: Path | None) -> int:
     """Container images from the recipe: write the build context, build it, run it, or write a
@@ -161,7 +198,7 @@ def chat(recipe: Path, force: bool) -> int:
 EXIT_CODES = {"QualityGateError": 4, "PublishError": 5, "GateRefusal": 6}
 
 VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "bench": bench,
-         "image": image, "app": app, "app-try": app_try, "serve": serve, "chat": chat}
+         "tune": tune, "image": image, "app": app, "app-try": app_try, "serve": serve, "chat": chat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,6 +247,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-measure settings already measured")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the report from OUT's results (e.g. copied from a GPU machine)")
+
+    p = verbs.add_parser("tune", help=tune.__doc__.split(":")[0], description=tune.__doc__ +
+                         " Exit 3 when no candidate meets the targets.")
+    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    p.add_argument("--gpu", help="the GPU to fit: T4, A10, A100-40G, A100-80G, H100, H200 or a size "
+                   "like 24GiB (default: this machine's GPU; on a CPU machine, its RAM)")
+    p.add_argument("--sessions", type=int, help="full-length sessions served at once (default: "
+                   "engine.max_batch_size); also the concurrency measured")
+    p.add_argument("--min-top1", type=float, help="least top-1 agreement with the unquantized "
+                   "model (default: the recipe's quantization.verify.min_top1_agreement)")
+    p.add_argument("--goal", choices=["throughput", "latency", "memory"], default="throughput",
+                   help="what the winner is best at (default throughput)")
+    p.add_argument("--budget", default="20m", help="time for measuring, e.g. 20m, 90s, 1h "
+                   "(default 20m); unmeasured candidates are reported as such")
+    p.add_argument("--plan-only", action="store_true", help="use the planner alone, for a GPU you "
+                   "don't have: nothing is built or measured")
+    p.add_argument("--repeats", type=int, default=3, help="serving runs per candidate (default 3)")
+    p.add_argument("--out", type=Path, help="report folder (default tune-results/NAME); a rerun "
+                   "keeps its measured candidates")
+    p.add_argument("--tasks", type=Path, help="JSONL task file for the quality check (default: the "
+                   "recipe's verify.tasks, else the kit's sample set)")
+    p.add_argument("--batch-sizes", help="max_batch_size values to try, e.g. 8,16 (default: "
+                   "sessions and twice that on a GPU; half and all of them on a CPU)")
+    p.add_argument("--session-lens", help="session_len values to try, e.g. 4096,2048 (default: the "
+                   "recipe's, and half of it on a GPU)")
 
     p = verbs.add_parser("image", help=image.__doc__.split(":")[0], description=image.__doc__)
     p.add_argument("action", choices=["context", "build", "run", "compose"])
@@ -288,9 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.build.publish import PublishError
         from deploy.package.image import ImageError
         from deploy.package.wheelhouse import WheelhouseError
+        from deploy.tune import TuneError
 
         if isinstance(exc, BuildError | QualityGateError | PublishError | ImageError | BenchError
-                      | GateRefusal | WheelhouseError | OSError):
+                      | GateRefusal | WheelhouseError | TuneError | OSError):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CODES.get(type(exc).__name__, 1)
         raise

@@ -23,6 +23,7 @@ ALLOWED = {
     "serve": {"recipe", "engines", "capacity", "build"},  # build: the manifest alone, see below
     "package": {"recipe", "build", "atomic", "cache"},  # likewise
     "bench": {"recipe", "engines", "capacity", "build", "serve"},
+    "tune": {"recipe", "engines", "capacity", "bench", "atomic"},  # measures through bench's worker
     "cache": set(),
     "atomic": set(),
 }

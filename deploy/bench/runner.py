@@ -121,7 +121,7 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
             continue
         recipe = setting_recipe(base, label)
         recipe_file = out / "recipes" / f"{label}.yaml"
-        recipe_file.write_text(yaml.safe_dump(_portable(recipe), allow_unicode=True))
+        recipe_file.write_text(yaml.safe_dump(portable_recipe(recipe), allow_unicode=True))
         first = number == 1
         if first and reference.exists():
             reference.unlink()  # the reference is the first setting's: re-measured with it
@@ -143,7 +143,7 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
     return write_report(out, settings, base, profile)
 
 
-def _portable(recipe: Recipe) -> dict:
+def portable_recipe(recipe: Recipe) -> dict:
     """The setting's recipe as YAML, with relative paths made absolute (it lives elsewhere)."""
     data = recipe.model_dump(exclude={"publish"})
     if data["model"]["path"]:

@@ -1,0 +1,187 @@
+"""The settings `deploy tune` considers, and the planner's verdict on each before anything runs.
+
+A candidate is one point of weights x KV cache x cache size x max_batch_size x session_len. On a
+GPU the planner (deploy/capacity/planner.py) decides whether it fits the target card and holds the
+sessions asked for. On a CPU the transformers engine runs: it keeps an unquantized KV cache that
+grows per request, so the check is the weights plus every session's full KV against the RAM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from deploy.capacity.planner import GIB, plan
+from deploy.engines.sizing import DTYPE_BYTES, kv_bytes_per_token, weight_bytes
+from deploy.recipe import Recipe, parse_recipe
+
+CPU_OVERHEAD_BYTES = 1 * GIB  # Python, torch and the server beside the weights (RSS seen: 0.6-0.8 GiB)
+KV_ORDER = {"none": 0, "int8": 1, "int4": 2}
+WEIGHT_ORDER = {"none": 0, "w4a16": 1}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the candidates must fit: a GPU (by the planner) or this CPU machine's RAM."""
+
+    kind: str  # "gpu" or "cpu"
+    name: str
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    family: str  # lmdeploy (on a GPU) | transformers (on a CPU)
+    weights: str  # none | w4a16
+    kv_cache: str  # none | int8 | int4
+    max_batch_size: int
+    session_len: int
+    cache_max_entry_count: float | None = None
+    kv_cache_gib: float | None = None
+    group_size: int = 128
+
+    @property
+    def label(self) -> str:
+        cache = (f"-kv{self.kv_cache_gib:g}g" if self.kv_cache_gib is not None else
+                 f"-r{self.cache_max_entry_count:g}" if self.cache_max_entry_count else "")
+        kv = "" if self.kv_cache == "none" else f"-kv{self.kv_cache[3:]}"
+        weights = "fp" if self.weights == "none" else f"w4a16g{self.group_size}"
+        return f"{weights}{kv}-b{self.max_batch_size}-s{self.session_len}{cache}"
+
+    @property
+    def quantization_rank(self) -> tuple[int, int]:
+        """Less quantized first: the order in which answer quality can only get worse."""
+        return WEIGHT_ORDER[self.weights], KV_ORDER[self.kv_cache]
+
+    @property
+    def variant(self) -> tuple[int, int, int]:
+        """What decides answer quality: the quantization, and the weights' group size."""
+        return (*self.quantization_rank, -self.group_size if self.weights != "none" else 0)
+
+    def recipe(self, base: Recipe) -> Recipe:
+        """The base recipe with this candidate's settings. Candidates with the same weights share
+        one build (`NAME-FAMILY-WEIGHTS[-gGROUP]`)."""
+        data = base.model_dump(exclude={"publish"})
+        engine = data["engine"]
+        family = self.family
+        if family == "transformers":
+            engine["backend"] = "transformers"
+        elif not str(engine["backend"]).startswith("lmdeploy"):
+            engine["backend"] = "auto"
+        engine.update(max_batch_size=self.max_batch_size, session_len=self.session_len,
+                      cache_max_entry_count=self.cache_max_entry_count,
+                      kv_cache_gib=self.kv_cache_gib)
+        data["quantization"].update(weights=self.weights, kv_cache=self.kv_cache,
+                                    group_size=self.group_size)
+        # The group size is in the build's name, so candidates that differ in it never evict
+        # each other's build.
+        group = f"-g{self.group_size}" if self.weights != "none" else ""
+        data["name"] = f"{base.name}-{family}-{self.weights}{group}"
+        recipe = parse_recipe(data)
+        recipe._base_dir = base._base_dir
+        return recipe
+
+
+@dataclass
+class Verdict:
+    """One candidate's fate, filled in as tuning goes: pruned, not measured, measured, chosen."""
+
+    candidate: Candidate
+    label: str
+    fits: bool
+    predicted_bytes: int  # nvidia-smi used on the target GPU, or weights + full KV on a CPU
+    kv_capacity_tokens: int | None
+    sessions_that_fit: int
+    status: str = "pruned"  # pruned | unmeasured | measured | failed | chosen
+    reason: str = ""
+    measured: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["candidate"] = asdict(self.candidate)
+        return data
+
+
+def enumerate_candidates(base: Recipe, target: Target, sessions: int, config: dict,
+                         batch_sizes: list[int] | None = None,
+                         session_lens: list[int] | None = None) -> list[Candidate]:
+    """Every combination worth a look. The cache size is the recipe's ratio (or 0.8) and, as the
+    alternative, the exact KV budget the sessions need; on a CPU there is no cache to size."""
+    gpu = target.kind == "gpu"
+    batch_sizes = batch_sizes or sorted({sessions, 2 * sessions} if gpu
+                                        else {max(1, sessions // 2), sessions})
+    session_lens = session_lens or ([base.engine.session_len] if not gpu else
+                                    sorted({base.engine.session_len,
+                                            max(1024, base.engine.session_len // 2)}, reverse=True))
+    ratio = base.engine.cache_max_entry_count or 0.8
+    found: list[Candidate] = []
+    for weights, group in [("none", base.quantization.group_size)] + [
+            ("w4a16", g) for g in group_sizes(base.quantization.group_size, config, gpu)]:
+        for kv in ("none", "int8", "int4"):
+            for batch in batch_sizes:
+                for session_len in session_lens:
+                    if not gpu:
+                        found.append(Candidate("transformers", weights, kv, batch, session_len,
+                                               group_size=group))
+                        continue
+                    found.append(Candidate("lmdeploy", weights, kv, batch, session_len,
+                                           cache_max_entry_count=ratio, group_size=group))
+                    # The alternative: exactly the KV the sessions need, the rest of the card left free.
+                    per_token = kv_bytes_per_token(config, kv)
+                    need = sessions * session_len * per_token / base.engine.tp
+                    gib = max(0.01, round(need / GIB + 0.005, 2))
+                    found.append(Candidate("lmdeploy", weights, kv, batch, session_len, kv_cache_gib=gib,
+                                           group_size=group))
+    return found
+
+
+def group_sizes(wanted: int, config: dict, gpu: bool) -> list[int]:
+    """Weight group sizes to try. LMDeploy's AWQ kernels take the recipe's (128 by default). HQQ on
+    a CPU trades memory for quality by group size (SmolLM2-135M: 64 gave 0.82 top-1 agreement, 32
+    gave 0.98), so every size of 128, 64 and 32 that divides the model's widths is tried."""
+    if gpu:
+        return [wanted]
+    widths = [config.get("hidden_size") or 0, config.get("intermediate_size") or 0]
+    return [size for size in (128, 64, 32) if all(w % size == 0 for w in widths)] or [wanted]
+
+
+def judge(base: Recipe, candidate: Candidate, target: Target, sessions: int, config: dict) -> Verdict:
+    """The planner's verdict: does it fit, and does it hold `sessions` full sessions?"""
+    if target.kind == "cpu":
+        return _judge_cpu(base, candidate, target, sessions, config)
+    p = plan(candidate.recipe(base), config, sessions=sessions, gpu_total=(target.name, target.total_bytes))
+    verdict = Verdict(candidate, candidate.label, p.fits, p.nvidia_smi_used_bytes,
+                      p.kv_capacity_tokens, p.sessions_that_fit)
+    if not p.fits:
+        verdict.reason = f"the weights ({p.weight_bytes / GIB:.1f} GiB) leave no room for a KV cache"
+    elif p.nvidia_smi_used_bytes > target.total_bytes:
+        verdict.fits = False
+        verdict.reason = (f"{p.cache_setting} needs {p.nvidia_smi_used_bytes / GIB:.1f} GiB, more than "
+                          f"the {target.total_bytes / GIB:.1f} GiB of the {target.name}")
+    elif p.sessions_that_fit < sessions:
+        verdict.reason = (f"holds {p.sessions_that_fit} full sessions of {candidate.session_len} "
+                          f"tokens, {sessions} asked")
+    else:
+        verdict.status, verdict.reason = "unmeasured", "fits; not measured yet"
+    return verdict
+
+
+def _judge_cpu(base: Recipe, candidate: Candidate, target: Target, sessions: int,
+               config: dict) -> Verdict:
+    engine = base.engine
+    weights = weight_bytes(config, candidate.weights, engine.dtype, base.quantization.group_size)
+    per_token = kv_bytes_per_token(config, "none", DTYPE_BYTES[engine.dtype])
+    kv = sessions * candidate.session_len * per_token
+    need = weights + kv + CPU_OVERHEAD_BYTES
+    fits = need <= target.total_bytes
+    held = max(0, (target.total_bytes - weights - CPU_OVERHEAD_BYTES) // (candidate.session_len * per_token))
+    verdict = Verdict(candidate, candidate.label, fits, need, None, held)
+    if candidate.kv_cache != "none":
+        verdict.fits = False
+        verdict.reason = ("the transformers engine (the CPU engine) keeps an unquantized KV cache; "
+                          f"KV {candidate.kv_cache} is served by LMDeploy on a GPU")
+    elif not fits:
+        verdict.reason = (f"weights and {sessions} full sessions need {need / GIB:.1f} GiB of the "
+                          f"{target.total_bytes / GIB:.1f} GiB of RAM")
+    else:
+        verdict.status, verdict.reason = "unmeasured", "fits; not measured yet"
+    return verdict
