@@ -36,14 +36,14 @@ class InstantEngine(Engine):
     session_len = 4096
     model_config: dict = {}
 
-    async def stream_chat(self, messages, params: GenerationParams) -> AsyncIterator[Delta]:
+    def encode(self, messages) -> list[int]:
+        return [0] * 8
+
+    async def stream_tokens(self, prompt, params: GenerationParams) -> AsyncIterator[Delta]:
         for _ in range(params.max_tokens):
             await asyncio.sleep(0)  # yield to the loop, as a real engine's stream does
             yield Delta(" word")
         yield Delta("", "length", 8, params.max_tokens)
-
-    def count_tokens(self, messages) -> int:
-        return 8
 
     def memory(self) -> EngineMemory:
         return EngineMemory(device="cpu")

@@ -1,5 +1,6 @@
 """Every chat-completions field is served or refused by name, never ignored: penalties on the
-transformers engine change the answer; fields it does not implement get a 400 naming them."""
+transformers engine change the answer; fields it does not implement get a 400 naming them.
+Log probabilities are tested in test_completions.py."""
 
 from __future__ import annotations
 
@@ -53,8 +54,6 @@ def test_neutral_values_of_optional_fields_are_accepted(client, recipe):
 
 
 @pytest.mark.parametrize("extra, field", [
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
@@ -65,6 +64,12 @@ def test_fields_the_engine_lacks_are_refused_by_name(client, recipe, extra, fiel
     error = raised.value.body
     assert error["param"] == field and error["code"] == "unsupported_parameter"
     assert "transformers engine" in error["message"]
+
+
+def test_top_logprobs_alone_is_refused(client, recipe):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=recipe.name, messages=REPEAT, max_tokens=4,
+                                       top_logprobs=3)
 
 
 def test_a_misspelt_field_is_still_refused(client, recipe):

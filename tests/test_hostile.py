@@ -144,3 +144,59 @@ def test_a_trickling_body_gets_a_408(recipe, assistant, monkeypatch):
             answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408")
     assert b'"error"' in answer
+
+
+def _port(live) -> int:
+    return int(live.url.rsplit(":", 1)[1])
+
+
+def test_a_trickling_request_head_is_cut_off(api_server, monkeypatch):
+    monkeypatch.setattr("deploy.serve.connections.HEAD_SECONDS", 1.0)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", _port(api_server))) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        for _ in range(4):  # a header line now and then, never the blank line that ends them
+            time.sleep(0.3)
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                break
+        assert sock.recv(4096) == b""  # closed by the server, with nothing sent
+    assert time.monotonic() - started < 5
+    # A client that sends its head at once is served; a kept-alive connection that then idles
+    # past the deadline without a next request is closed too.
+    with socket.create_connection(("127.0.0.1", _port(api_server))) as sock:
+        sock.settimeout(10)
+        for _ in range(2):
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)  # within the deadline: the connection is reused
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        idle = time.monotonic()
+        assert sock.recv(4096) == b""
+        assert 0.5 < time.monotonic() - idle < 3
+
+
+def test_connections_beyond_the_cap_get_a_json_503(recipe, assistant):
+    capped = recipe.model_copy(deep=True)
+    capped.serve.max_connections = 3
+    with LiveServer(create_app(capped, assistant, ui=False)) as live:
+        held = [socket.create_connection(("127.0.0.1", _port(live))) for _ in range(3)]
+        try:
+            time.sleep(0.2)  # the server has accepted them
+            with socket.create_connection(("127.0.0.1", _port(live))) as extra:
+                extra.settimeout(10)
+                refused = b""
+                while chunk := extra.recv(4096):
+                    refused += chunk
+            head, body = refused.split(b"\r\n\r\n", 1)
+            assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 2" in head.lower()
+            import json
+
+            error = json.loads(body)["error"]
+            assert error["code"] == "too_many_connections" and "max_connections" in error["message"]
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # the cap freed up

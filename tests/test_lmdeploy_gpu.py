@@ -82,3 +82,50 @@ def test_lmdeploy_streams_batches_and_reports_kv(gpu_recipe):
     assert memory.kv_cache_bytes == memory.kv_capacity_tokens * memory.kv_bytes_per_token
     assert memory.settings["quant_policy"] == 8
 
+
+
+def test_lmdeploy_json_mode_and_scheduler_metrics_over_http(gpu_recipe):
+    """Guided decoding holds even random weights to the schema; /metrics shows LMDeploy's own
+    running count while a burst decodes."""
+    import json
+    import threading
+
+    import httpx
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deploy.serve.assistant import Assistant
+    from deploy.serve.server import ServerThread, create_app
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+              "required": ["colour"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Pick a colour."}]
+    with Assistant.from_recipe(gpu_recipe) as assistant, \
+            ServerThread(create_app(gpu_recipe, assistant, ui=False)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model=gpu_recipe.name, messages=ask, max_tokens=200, temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+        assert json.loads(answer.choices[0].message.content)["colour"] in ("red", "green", "blue")
+        loose = client.chat.completions.create(model=gpu_recipe.name, messages=ask, max_tokens=200,
+                                               temperature=0, response_format={"type": "json_object"})
+        if loose.choices[0].finish_reason == "stop":  # random weights may run out of tokens first
+            assert isinstance(json.loads(loose.choices[0].message.content), dict)
+
+        def burst():
+            client.chat.completions.create(model=gpu_recipe.name, messages=ask, max_tokens=400,
+                                           temperature=0)
+
+        threads = [threading.Thread(target=burst) for _ in range(6)]
+        for t in threads:
+            t.start()
+        running = []
+        while any(t.is_alive() for t in threads):
+            text = httpx.get(live.url + "/metrics", timeout=30).text
+            samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            running.append(samples.get("xlab_requests_running", 0))
+            usage = samples.get("xlab_kv_cache_usage_ratio")
+        for t in threads:
+            t.join()
+    assert max(running) >= 2, running
+    assert usage is not None

@@ -13,10 +13,12 @@ from deploy.engines.base import (
     HQQ_MARKER,
     Delta,
     Engine,
+    EngineActivity,
     EngineMemory,
     GenerationParams,
     Message,
     PromptTooLongError,
+    TokenLogprob,
 )
 from deploy.engines.config import EngineConfig, engine_config, pick_backend
 from deploy.engines.hardware import lmdeploy_installed, visible_gpus
@@ -26,11 +28,13 @@ __all__ = [
     "HQQ_MARKER",
     "Delta",
     "Engine",
+    "EngineActivity",
     "EngineConfig",
     "EngineMemory",
     "GenerationParams",
     "Message",
     "PromptTooLongError",
+    "TokenLogprob",
     "engine_config",
     "load_engine",
     "lmdeploy_problem",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Message = dict[str, str]  # OpenAI-style: {"role": "user", "content": "..."}
 
@@ -44,21 +44,38 @@ class GenerationParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # None: no log probabilities; k >= 0: each generated token's, with the k likeliest others.
+    logprobs: int | None = None
+    # OpenAI's response_format (json_object or json_schema), for engines with guided decoding.
+    response_format: dict | None = None
 
     def non_default(self) -> set[str]:
         """The optional settings this request changes from their neutral values."""
-        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+        neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                   "logprobs": None, "response_format": None}
         return {name for name, value in neutral.items() if getattr(self, name) != value}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model (before penalties and temperature),
+    and the `top` likeliest tokens at that position as (token id, log probability)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class Delta:
-    """One piece of a streamed answer. The last one has finish_reason set and the token counts."""
+    """One piece of a streamed answer. The last one has finish_reason set and the token counts.
+    `logprobs` holds the tokens generated since the previous piece, where they were asked for."""
 
     text: str = ""
     finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -80,27 +97,57 @@ class EngineMemory:
         return asdict(self)
 
 
+@dataclass
+class EngineActivity:
+    """What the engine is doing now: sequences decoding, sequences queued inside it, and the share
+    of its KV cache in use where it has a fixed one."""
+
+    running: int
+    waiting: int
+    kv_usage: float | None = None
+
+
 class Engine(ABC):
-    """A loaded model that streams chat answers."""
+    """A loaded model that streams answers: to a chat (the chat template applied) or to raw text."""
 
     name: str  # e.g. "transformers", "lmdeploy-pytorch"
     session_len: int
     model_config: dict  # the model's config.json, for the memory prediction
+    tokenizer: Any  # a Hugging Face tokenizer: the kit renders every prompt itself
     # Optional GenerationParams settings the engine implements; the server refuses the others
     # with a 400 that names them, never ignoring them.
     supports: frozenset[str] = frozenset()
 
     @abstractmethod
-    def stream_chat(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[Delta]:
-        """Stream the answer to `messages`. Closing the iterator early cancels the request."""
-
-    @abstractmethod
-    def count_tokens(self, messages: list[Message]) -> int:
-        """Tokens of the prompt that `messages` renders to, chat template included."""
+    def stream_tokens(self, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
+        """Stream the continuation of the token ids `prompt`. Closing the iterator early cancels
+        the request."""
 
     @abstractmethod
     def memory(self) -> EngineMemory:
         """The engine's own view of its memory."""
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        """The token ids of `messages` rendered by the chat template, ready for an answer."""
+        from deploy.engines.chat_format import encode_chat
+
+        return encode_chat(self.tokenizer, messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        """The token ids of raw text, with the tokenizer's own special tokens (a BOS, say)."""
+        return self.tokenizer(text)["input_ids"]
+
+    def stream_chat(self, messages: list[Message], params: GenerationParams) -> AsyncIterator[Delta]:
+        """Stream the answer to `messages`. Closing the iterator early cancels the request."""
+        return self.stream_tokens(self.encode(messages), params)
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Tokens of the prompt that `messages` renders to, chat template included."""
+        return len(self.encode(messages))
+
+    async def activity(self) -> EngineActivity | None:
+        """Running and waiting sequences now, for /metrics; None where the engine cannot tell."""
+        return None
 
     async def prompt_logits(self, token_ids: list[list[int]]) -> list:
         """Next-token logits (a float tensor [len, vocab]) at every position of each sequence, for
@@ -118,11 +165,15 @@ class Engine(ABC):
 async def joined(stream: AsyncIterator[Delta]) -> Delta:
     """A stream's pieces joined into one Delta, with the last one's finish reason and counts."""
     pieces: list[str] = []
+    scores: list[TokenLogprob] | None = None
     last = Delta()
     async for delta in stream:
         pieces.append(delta.text)
+        if delta.logprobs is not None:
+            scores = (scores or []) + delta.logprobs
         last = delta
-    return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    return Delta("".join(pieces), last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                 scores)
 
 
 class StopMatcher:

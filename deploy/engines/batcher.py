@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from deploy.engines.base import TokenLogprob
+
 log = logging.getLogger(__name__)
 
 END = object()  # handed to a request's sink after its last token
@@ -38,7 +40,8 @@ END = object()  # handed to a request's sink after its last token
 @dataclass(eq=False)
 class Request:
     """One answer being generated. `sink` receives, from the model thread, a list of new token
-    ids, an exception, or END; it must be thread-safe and must not block."""
+    ids (each preceded by its TokenLogprob where `logprobs` is set), an exception, or END; it must
+    be thread-safe and must not block."""
 
     prompt: list[int]
     max_new: int
@@ -49,6 +52,7 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: none; k: the token's and the k likeliest others'
     cancelled: threading.Event = field(default_factory=threading.Event)
     counts: dict[int, int] = field(default_factory=dict)  # generated token -> times
     generated: int = 0
@@ -174,7 +178,7 @@ class Batcher:
             cache, mask, logits = self._prefill(requests)
             for r in requests:
                 r.length = len(r.prompt)
-            tokens = self._pick(logits, requests)
+            tokens, scores = self._pick(logits, requests)
         except BaseException as exc:  # these requests fail; the running batch goes on
             for r in requests:
                 r.sink(exc)
@@ -182,8 +186,8 @@ class Batcher:
             return
         first = len(self._rows)
         self._join(requests, cache, mask)
-        done = [first + i for i, (r, t) in enumerate(zip(requests, tokens, strict=True))
-                if self._advance(r, t)]
+        done = [first + i for i, (r, t, s) in enumerate(zip(requests, tokens, scores, strict=True))
+                if self._advance(r, t, s)]
         if done:
             self._remove(done)
 
@@ -228,7 +232,7 @@ class Batcher:
             self._mask = mask
             for r in rows:
                 r.length += 1
-            tokens = self._pick(out.logits[:, -1], rows)
+            tokens, scores = self._pick(out.logits[:, -1], rows)
         except BaseException as exc:  # e.g. out of memory: every running request learns why
             log.exception("decode step failed")
             for r in rows:
@@ -236,15 +240,18 @@ class Batcher:
                 r.sink(END)
             self._rows, self._cache, self._mask = [], None, None
             return
-        done = [i for i, (r, t) in enumerate(zip(rows, tokens, strict=True)) if self._advance(r, t)]
+        done = [i for i, (r, t, s) in enumerate(zip(rows, tokens, scores, strict=True))
+                if self._advance(r, t, s)]
         if done:
             self._remove(done)
 
-    def _advance(self, request: Request, token: int) -> bool:
-        """Hand `token` to its request; True when that request has finished."""
+    def _advance(self, request: Request, token: int, score: TokenLogprob | None) -> bool:
+        """Hand `token` (and its log probability) to its request; True when it has finished."""
         request.generated += 1
         request.last = token
         request.counts[token] = request.counts.get(token, 0) + 1
+        if score is not None:
+            request.sink(score)
         request.sink([token])
         finished = (token in self.eos or request.generated >= request.max_new
                     or request.cancelled.is_set())
@@ -252,8 +259,12 @@ class Batcher:
             request.sink(END)
         return finished
 
-    def _pick(self, logits: torch.Tensor, rows: list[Request]) -> list[int]:
+    def _pick(self, logits: torch.Tensor, rows: list[Request]) -> tuple[list[int], list]:
+        """Each row's next token, and its TokenLogprob where the row asked for log probabilities."""
         logits = logits.float()
+        scored = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        # The model's own distribution, as OpenAI reports it: taken before penalties and temperature.
+        logp = torch.log_softmax(logits[scored], -1) if scored else None
         for i, r in enumerate(rows):
             if r.presence_penalty or r.frequency_penalty or r.repetition_penalty != 1.0:
                 logits[i] = penalized(logits[i], r)
@@ -261,7 +272,13 @@ class Batcher:
         for i, r in enumerate(rows):
             if r.temperature > 0:
                 picked[i] = _sample(logits[i], r.temperature, r.top_p, r.generator)
-        return picked
+        scores: list[TokenLogprob | None] = [None] * len(rows)
+        for j, i in enumerate(scored):
+            k = rows[i].logprobs
+            top = torch.topk(logp[j], k) if k else None
+            scores[i] = TokenLogprob(picked[i], float(logp[j, picked[i]]), tuple(
+                zip(top.indices.tolist(), top.values.tolist(), strict=True)) if k else ())
+        return picked, scores
 
     # -- the batch's KV cache --------------------------------------------------------------------
 

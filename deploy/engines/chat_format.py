@@ -8,8 +8,10 @@ prompt for the same conversation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deploy.engines.base import Message
+if TYPE_CHECKING:  # base.py calls encode_chat: a runtime import back would be a cycle
+    from deploy.engines.base import Message
 
 
 def load_tokenizer(model_dir: Path, chat_template: str | None = None, trust_remote_code: bool = False):

@@ -20,13 +20,13 @@ from pathlib import Path
 from deploy.engines.base import (
     Delta,
     Engine,
+    EngineActivity,
     EngineMemory,
     GenerationParams,
-    Message,
     PromptTooLongError,
     StopMatcher,
 )
-from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
+from deploy.engines.chat_format import eos_ids, load_tokenizer
 from deploy.engines.config import EngineConfig
 from deploy.engines.native_log import tee_stderr, turbomind_cache_budget
 from deploy.engines.rope_compat import model_dir_for_lmdeploy
@@ -112,11 +112,12 @@ def lmdeploy_config(config: EngineConfig, model_config: dict):
 
 
 class LMDeployEngine(Engine):
-    # None of the optional settings: LMDeploy 0.18 has no presence/frequency penalty, and its
-    # PyTorch engine gave the same greedy answer with repetition_penalty 1.5 as without on the
-    # H100 (docs/data/h100-2026-11-26-transformers/gputest-repetition-penalty.log), so the server
+    # response_format: LMDeploy's guided decoding (xgrammar, a dependency of its wheel) on both
+    # backends. No penalties: LMDeploy 0.18 has no presence/frequency penalty, and its PyTorch
+    # engine gave the same greedy answer with repetition_penalty 1.5 as without on the H100
+    # (docs/data/h100-2026-11-26-transformers/gputest-repetition-penalty.log), so the server
     # refuses it rather than claim it.
-    supports = frozenset()
+    supports = frozenset({"response_format"})
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         backend = config.backend
@@ -170,16 +171,10 @@ class LMDeployEngine(Engine):
         self.session_len = self._engine.session_len
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def count_tokens(self, messages: list[Message]) -> int:
-        return len(encode_chat(self.tokenizer, messages))
-
-    async def stream_chat(
-        self, messages: list[Message], params: GenerationParams
-    ) -> AsyncIterator[Delta]:
+    async def stream_tokens(self, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
         from lmdeploy import GenerationConfig
 
         self._bind_loop()
-        prompt = encode_chat(self.tokenizer, messages)
         if len(prompt) >= self.session_len:
             raise PromptTooLongError(len(prompt), self.session_len)
         sampling = params.temperature > 0
@@ -191,6 +186,7 @@ class LMDeployEngine(Engine):
             random_seed=params.seed,
             stop_token_ids=self.stop_ids,
             skip_special_tokens=True,
+            response_format=params.response_format,
         )
         request = await self._engine.preprocess(
             None, self._engine.session_mgr.get(), gen_config=config, input_ids=prompt,
@@ -215,6 +211,19 @@ class LMDeployEngine(Engine):
             yield Delta(stops.flush(), finish, len(prompt), generated)
         finally:
             await outputs.aclose()  # cancels the request inside LMDeploy if still running
+
+    async def activity(self) -> EngineActivity | None:
+        """LMDeploy's scheduler counts (both backends). Before the first request the engine loop
+        is not bound yet, and nothing runs: zeros without asking."""
+        if self._loop is None:
+            return EngineActivity(0, 0, 0.0)
+        try:
+            self._bind_loop()
+            m = await self._engine.get_schedule_metrics()
+        except Exception:  # a scrape must never fail because the engine could not answer
+            log.debug("LMDeploy's schedule metrics are unavailable", exc_info=True)
+            return None
+        return EngineActivity(int(m.active_seqs), int(m.waiting_seqs), float(m.cache_usage))
 
     async def prompt_logits(self, token_ids: list[list[int]]) -> list:
         self._bind_loop()

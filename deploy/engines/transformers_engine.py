@@ -20,14 +20,15 @@ from deploy.engines.base import (
     HQQ_MARKER,
     Delta,
     Engine,
+    EngineActivity,
     EngineMemory,
     GenerationParams,
-    Message,
     PromptTooLongError,
     StopMatcher,
+    TokenLogprob,
 )
 from deploy.engines.batcher import END, Batcher, Request, can_batch
-from deploy.engines.chat_format import encode_chat, eos_ids, load_tokenizer
+from deploy.engines.chat_format import eos_ids, load_tokenizer
 from deploy.engines.detokenize import incremental_decoder
 from deploy.engines.sizing import kv_bytes_per_token
 
@@ -38,7 +39,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 class TransformersEngine(Engine):
     name = "transformers"
-    supports = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty"})
+    supports = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs"})
 
     def __init__(
         self,
@@ -81,13 +82,7 @@ class TransformersEngine(Engine):
 
     # -- the Engine interface ---------------------------------------------------------------
 
-    def count_tokens(self, messages: list[Message]) -> int:
-        return len(self._encode(messages))
-
-    async def stream_chat(
-        self, messages: list[Message], params: GenerationParams
-    ) -> AsyncIterator[Delta]:
-        prompt = self._encode(messages)
+    async def stream_tokens(self, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
         room = self.session_len - len(prompt)
         if room <= 0:
             raise PromptTooLongError(len(prompt), self.session_len)
@@ -103,7 +98,7 @@ class TransformersEngine(Engine):
                           top_p=params.top_p, seed=params.seed,
                           presence_penalty=params.presence_penalty,
                           frequency_penalty=params.frequency_penalty,
-                          repetition_penalty=params.repetition_penalty)
+                          repetition_penalty=params.repetition_penalty, logprobs=params.logprobs)
         self._batcher.submit(request)
         decoder = incremental_decoder(self.tokenizer)
         stops = StopMatcher(params.stop)
@@ -113,6 +108,7 @@ class TransformersEngine(Engine):
             ended = False
             while not ended:
                 tokens: list[int] = []
+                scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
                 # Take every token already waiting: a client that reads slower than the batch
                 # decodes gets them in one piece, and the event loop does less per token.
                 item = await queue.get()
@@ -122,22 +118,29 @@ class TransformersEngine(Engine):
                     if item is END:
                         ended = True
                         break
-                    tokens.extend(item)
+                    if isinstance(item, TokenLogprob):
+                        scores.append(item)
+                    else:
+                        tokens.extend(item)
                     if queue.empty():
                         break
                     item = queue.get_nowait()
                 generated += len(tokens)
                 hit_eos = hit_eos or any(t in self._batcher.eos for t in tokens)
                 text = stops.feed(decoder.add(tokens))
-                if text:
-                    yield Delta(text)
+                if text or scores:
+                    yield Delta(text, logprobs=scores)
                 if stops.stopped:
                     break
             tail = stops.feed(decoder.flush()) + stops.flush()
             finish = "stop" if hit_eos or stops.stopped or generated < max_new else "length"
-            yield Delta(tail, finish, len(prompt), generated)
+            yield Delta(tail, finish, len(prompt), generated,
+                        [] if params.logprobs is not None else None)
         finally:
             self._batcher.cancel(request)  # frees the row at the next step if the client went away
+
+    async def activity(self) -> EngineActivity:
+        return EngineActivity(self._batcher.active, self._batcher.waiting)
 
     async def prompt_logits(self, token_ids: list[list[int]]) -> list:
         return [await asyncio.wrap_future(self._batcher.call(lambda ids=ids: self._logits(ids)))
@@ -171,11 +174,6 @@ class TransformersEngine(Engine):
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    # -- internals ----------------------------------------------------------------------------
-
-    def _encode(self, messages: list[Message]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
 
 
 def _max_positions(config) -> int | None:

@@ -165,6 +165,10 @@ class Serve(_Section):
         "with Retry-After."
     )
     max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413).")
+    max_connections: int = Field(
+        1024, gt=0, description="Most open connections; more are refused at once with HTTP 503. "
+        "A request head must arrive within 10 s of connecting, else the connection is closed."
+    )
     api_key_env: str | None = Field(
         None, description="Name of the env var holding the API key that /v1/* and /memory require."
     )

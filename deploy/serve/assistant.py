@@ -60,12 +60,16 @@ class Assistant:
             given["temperature"] = 0.0
         return GenerationParams(**given)
 
-    def cannot_fit(self, messages: list[Message]) -> bool:
-        """True when the messages' text is so long that no tokenization fits the session, known
+    def cannot_fit(self, texts: list[str]) -> bool:
+        """True when the prompt's texts are so long that no tokenization fits the session, known
         without tokenizing (which for a 1 MiB prompt costs seconds): no token of the vocabulary
         spells more than `max_token_bytes` bytes."""
-        size = sum(len(m["content"].encode()) for m in messages)
+        size = sum(len(text.encode()) for text in texts)
         return size > self.engine.session_len * self.max_token_bytes
+
+    def token_text(self, token: int) -> str:
+        """A token's text, as the API reports it with log probabilities."""
+        return self.engine.tokenizer.decode([token])
 
     @functools.cached_property
     def max_token_bytes(self) -> int:
@@ -141,9 +145,6 @@ class Assistant:
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop()).result()
-
-    def count_tokens(self, messages: list[Message]) -> int:
-        return self.engine.count_tokens(self.messages(messages))
 
     def close(self) -> None:
         self.engine.close()

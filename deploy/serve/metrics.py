@@ -46,6 +46,8 @@ class ServerMetrics:
                              "it reports them.", registry=r)
         self.waiting = Gauge("xlab_requests_waiting", "Requests queued inside the engine, where it "
                              "reports them.", registry=r)
+        self.kv_usage = Gauge("xlab_kv_cache_usage_ratio", "Share of the KV cache in use, where the "
+                              "engine has a fixed cache and reports it.", registry=r)
         self.kv_capacity = Gauge("xlab_kv_cache_capacity_tokens", "Tokens the KV cache holds, "
                                  "where the engine has a fixed cache.", registry=r)
 
@@ -63,13 +65,13 @@ class ServerMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.completion_tokens.inc(completion_tokens)
 
-    def render(self, engine_memory) -> bytes:
-        """The text format; engine gauges are read now, from the engine's own report."""
-        if engine_memory is not None:
-            settings = engine_memory.settings or {}
-            if "batched_now" in settings:
-                self.running.set(settings["batched_now"])
-                self.waiting.set(settings.get("waiting_now", 0))
-            if engine_memory.kv_capacity_tokens:
-                self.kv_capacity.set(engine_memory.kv_capacity_tokens)
+    def render(self, engine_memory, activity) -> bytes:
+        """The text format; engine gauges are read now, from the engine's own reports."""
+        if activity is not None:
+            self.running.set(activity.running)
+            self.waiting.set(activity.waiting)
+            if activity.kv_usage is not None:
+                self.kv_usage.set(activity.kv_usage)
+        if engine_memory is not None and engine_memory.kv_capacity_tokens:
+            self.kv_capacity.set(engine_memory.kv_capacity_tokens)
         return generate_latest(self.registry)

@@ -1,15 +1,17 @@
-"""The OpenAI chat-completions wire format: request validation, response bodies and SSE chunks."""
+"""The OpenAI wire formats: chat completions and the legacy text completions. Request validation,
+response bodies and SSE chunks."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deploy.engines import Delta
+from deploy.engines import Delta, TokenLogprob
 
 
 class _TextPart(BaseModel):
@@ -52,16 +54,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    # Unknown fields are refused: a misspelt `max_token` silently ignored is worse than a 400.
+class _GenerationRequest(BaseModel):
+    """The fields both APIs share. Unknown fields are refused: a misspelt `max_token` silently
+    ignored is worse than a 400."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -73,27 +74,7 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)  # vLLM's and LMDeploy's extra
     # Fields an engine may not implement: set to anything but their neutral value, they are
     # served where the engine can and refused with a 400 naming them where it cannot.
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
-    response_format: dict | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
-
-    def features(self) -> list[str]:
-        """The optional features this request asks for, by the field that asks."""
-        wanted = {
-            "presence_penalty": bool(self.presence_penalty),
-            "frequency_penalty": bool(self.frequency_penalty),
-            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
-            "logprobs": bool(self.logprobs or self.top_logprobs),
-            "logit_bias": bool(self.logit_bias),
-            "response_format": bool(self.response_format)
-            and self.response_format.get("type") != "text",
-            "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
-        }
-        return [name for name, asked in wanted.items() if asked]
 
     @field_validator("stop")
     @classmethod
@@ -102,6 +83,80 @@ class ChatCompletionRequest(BaseModel):
             _utf8(text)
         return value
 
+    def stops(self) -> tuple[str, ...] | None:
+        if self.stop is None:
+            return None
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def logprob_count(self) -> int | None:
+        """GenerationParams.logprobs: None for none, else how many alternatives per token."""
+        return None
+
+    def guided_format(self) -> dict | None:
+        """The response_format the engine must follow; None for plain text."""
+        return None
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def features(self) -> list[str]:
+        """The optional features this request asks for, by the field that asks."""
+        wanted = {
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+            "logprobs": self.logprob_count() is not None,
+            "logit_bias": bool(self.logit_bias),
+        }
+        return [name for name, asked in wanted.items() if asked]
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, value):
+        kind = (value or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type {kind!r} is not one of text, json_object, json_schema")
+        if kind == "json_schema" and not isinstance((value.get("json_schema") or {}).get("schema"),
+                                                    dict):
+            raise ValueError("json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+        return value
+
+    def guided_format(self) -> dict | None:
+        fmt = self.response_format
+        return fmt if fmt and fmt.get("type", "text") != "text" else None
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def answer_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def features(self) -> list[str]:
+        wanted = {
+            "response_format": bool(self.response_format)
+            and self.response_format.get("type") != "text",
+            "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
+        }
+        return super().features() + [name for name, asked in wanted.items() if asked]
+
     def plain_messages(self) -> list[dict[str, str]]:
         # "developer" is the newer OpenAI name for the system role; chat templates know "system".
         return [
@@ -109,19 +164,44 @@ class ChatCompletionRequest(BaseModel):
             for m in self.messages
         ]
 
-    def stops(self) -> tuple[str, ...] | None:
-        if self.stop is None:
-            return None
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+class CompletionRequest(_GenerationRequest):
+    """The legacy /v1/completions request: raw text continued as it is, no chat template."""
+
+    prompt: str | list[str] = Field(description="One prompt (a list of one is accepted).")
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this API
+    best_of: int | None = Field(None, ge=1, le=1, description="Only one candidate is generated.")
+    echo: bool = False
+    suffix: None = Field(None, description="Insertion (text after the completion) is not served.")
+    logprobs: int | None = Field(None, ge=0, le=5)  # this API's: how many alternatives per token
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("give one prompt: a batch of prompts is not served, send them "
+                                 "as separate requests")
+            value = value[0]
+        return _utf8(value)
+
+    @model_validator(mode="after")
+    def _no_echoed_logprobs(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs would need the prompt's log probabilities, which "
+                             "are not served: drop one of them")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def answer_tokens(self) -> int | None:
+        return self.max_tokens
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
 
 
 def usage(delta: Delta) -> dict:
@@ -132,47 +212,119 @@ def usage(delta: Delta) -> dict:
     }
 
 
-def completion_body(completion_id: str, model: str, answer: Delta) -> dict:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": answer.text},
-            "finish_reason": answer.finish_reason,
-        }],
-        "usage": usage(answer),
-    }
+class ChatFormat:
+    """Chat completions as OpenAI frames them: a whole body, or SSE chunks of `chat.completion.chunk`.
+    `token_text` turns a token id into its text, for log probabilities."""
+
+    object_name, id_prefix = "chat.completion", "chatcmpl"
+
+    def __init__(self, model: str, token_text: Callable[[int], str], echo: str = ""):
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.model, self.token_text, self.echo = model, token_text, echo
+        self.created = int(time.time())
+        self._offset = len(echo)  # text_offset of the next token, for the legacy logprobs
+
+    def body(self, answer: Delta) -> dict:
+        return {"id": self.id, "object": self.object_name, "created": self.created,
+                "model": self.model, "choices": [self._choice(answer)], "usage": usage(answer)}
+
+    def _choice(self, answer: Delta) -> dict:
+        return {"index": 0, "message": {"role": "assistant", "content": answer.text},
+                "logprobs": self.logprobs(answer.logprobs), "finish_reason": answer.finish_reason}
+
+    def logprobs(self, scores: list[TokenLogprob] | None) -> dict | None:
+        if scores is None:
+            return None
+
+        def entry(token: int, logprob: float) -> dict:
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(s.token, s.logprob),
+                             "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scores]}
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def chunk(self, delta: dict | None, finish_reason: str | None = None,
+              usage_body: dict | None = None, logprobs: dict | None = None) -> str:
+        """One `data:` event; `delta` None makes the usage-only chunk, which has no choices."""
+        body = {"id": self.id, "object": f"{self.object_name}.chunk", "created": self.created,
+                "model": self.model,
+                "choices": [] if delta is None else [self._chunk_choice(delta, finish_reason, logprobs)]}
+        if usage_body is not None:
+            body["usage"] = usage_body
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def _chunk_choice(self, delta: dict, finish_reason: str | None, logprobs: dict | None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
+        return choice
+
+    def start(self) -> list[str]:
+        return [self.chunk({"role": "assistant", "content": ""})]
+
+    def content_framer(self) -> Callable[[str], str]:
+        """A function text -> the `data:` event of a content delta, equal to `chunk`'s. Only the
+        text changes between a stream's content chunks, so the rest is serialised once per stream:
+        this runs once per generated token."""
+        head, tail = self.chunk(self._text_delta("\x00")).rsplit('"\\u0000"', 1)
+
+        def frame(text: str) -> str:
+            return head + json.dumps(text, ensure_ascii=False) + tail
+
+        return frame
+
+    def _text_delta(self, text: str) -> dict:
+        return {"content": text}
+
+    def piece(self, delta: Delta) -> str:
+        return self.chunk(self._text_delta(delta.text), logprobs=self.logprobs(delta.logprobs))
+
+    def end(self, last: Delta, include_usage: bool) -> list[str]:
+        events = [self.chunk({}, last.finish_reason)]
+        if include_usage:
+            events.append(self.chunk(None, usage_body=usage(last)))
+        return events
 
 
-def sse_chunk(completion_id: str, model: str, created: int, delta: dict,
-              finish_reason: str | None = None, usage_body: dict | None = None,
-              choices: bool = True) -> str:
-    """One `data:` event of a streamed completion, framed as OpenAI frames it."""
-    body = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if choices else [],
-    }
-    if usage_body is not None:
-        body["usage"] = usage_body
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+class TextFormat(ChatFormat):
+    """The legacy text completions: `text_completion` objects, text in `choices[0].text`, and
+    log probabilities as tokens, token_logprobs, top_logprobs and text_offset."""
 
+    object_name, id_prefix = "text_completion", "cmpl"
 
-def content_chunk_framer(completion_id: str, model: str, created: int):
-    """A function text -> the `data:` event of a content delta, equal to sse_chunk's. Only the text
-    changes between a stream's content chunks, so the rest is serialised once per stream: this
-    runs once per generated token."""
-    head, tail = sse_chunk(completion_id, model, created, {"content": "\x00"}).rsplit('"\\u0000"', 1)
+    def _choice(self, answer: Delta) -> dict:
+        return {"index": 0, "text": self.echo + answer.text,
+                "logprobs": self.logprobs(answer.logprobs), "finish_reason": answer.finish_reason}
 
-    def frame(text: str) -> str:
-        return head + json.dumps(text, ensure_ascii=False) + tail
+    def logprobs(self, scores: list[TokenLogprob] | None) -> dict | None:
+        if scores is None:
+            return None
+        tokens = [self.token_text(s.token) for s in scores]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
+                "top_logprobs": [{self.token_text(t): lp for t, lp in s.top} for s in scores],
+                "text_offset": offsets}
 
-    return frame
+    def chunk(self, delta: dict | None, finish_reason: str | None = None,
+              usage_body: dict | None = None, logprobs: dict | None = None) -> str:
+        # The legacy stream's chunks are `text_completion` objects too, not `.chunk` ones.
+        event = super().chunk(delta, finish_reason, usage_body, logprobs)
+        return event.replace('"text_completion.chunk"', '"text_completion"', 1)
+
+    def _chunk_choice(self, delta: dict, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return {"index": 0, "text": delta.get("text", ""), "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    def _text_delta(self, text: str) -> dict:
+        return {"text": text}
+
+    def start(self) -> list[str]:
+        return [self.chunk(self._text_delta(self.echo))] if self.echo else []
 
 
 SSE_DONE = "data: [DONE]\n\n"

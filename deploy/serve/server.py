@@ -31,15 +31,15 @@ from deploy.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from deploy.serve.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
-    completion_body,
-    content_chunk_framer,
+    ChatFormat,
+    CompletionRequest,
+    TextFormat,
     error_body,
-    new_completion_id,
-    sse_chunk,
-    usage,
 )
 
 log = logging.getLogger(__name__)
+
+GENERATING = ("/v1/chat/completions", "/v1/completions")  # the paths /metrics counts
 
 # A queued stream sends an SSE comment this often until its first token: idle connections get
 # cut by proxies (nginx's default read timeout is 60 s) and by impatient clients.
@@ -95,6 +95,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     if metrics is not None and assistant is not None:
         metrics.engine_loaded(assistant.engine.name)
     app = FastAPI(title=f"xlab-deploy: {recipe.name}", lifespan=lifespan)
+    app.state.max_connections = recipe.serve.max_connections  # read by uvicorn_options
     app.add_middleware(BodyLimit, max_bytes=recipe.serve.max_request_bytes)
     if api_key is not None:  # added last, so it runs first: before the body is read
         app.add_middleware(KeyGuard, api_key=api_key,
@@ -102,7 +103,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     pending = 0  # chat requests admitted and not finished; bounded by serve.max_pending
 
     def count(request: Request, status: int) -> None:
-        if metrics is not None and request.url.path.startswith("/v1/chat"):
+        if metrics is not None and request.url.path in GENERATING:
             metrics.requests.labels(str(status)).inc()
 
     @app.exception_handler(ApiError)
@@ -147,9 +148,12 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         @app.get("/metrics")
         async def prometheus_metrics():
             engine = state.assistant.engine if state.assistant is not None else None
-            report = await asyncio.to_thread(engine.memory) if engine is not None else None
+            report = activity = None
+            if engine is not None:
+                report = await asyncio.to_thread(engine.memory)
+                activity = await engine.activity()  # on this loop: LMDeploy's is bound to it
             metrics.in_flight.set(pending)
-            return Response(metrics.render(report), media_type=CONTENT_TYPE_LATEST)
+            return Response(metrics.render(report, activity), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
@@ -166,8 +170,9 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         nonlocal pending
         pending -= 1
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def generate(body: ChatCompletionRequest | CompletionRequest, request: Request,
+                       prompt_of, fmt: type[ChatFormat], echo: str = ""):
+        """Admit, check, tokenize and answer one request of either API, streamed or whole."""
         nonlocal pending
         received = time.perf_counter()
         current = state.ready()
@@ -182,49 +187,48 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             if body.model != recipe.name:
                 raise ApiError(404, f"The model {body.model!r} does not exist; this server serves "
                                f"{recipe.name!r}.", param="model", code="model_not_found")
-            messages = body.plain_messages()
-            if current.cannot_fit(messages):
-                raise ApiError(400, f"The messages are too long for engine.session_len "
-                               f"({current.engine.session_len} tokens): shorten them.",
-                               param="messages", code="context_length_exceeded")
-            # Off the event loop: a long prompt takes the tokenizer a while; /health must answer.
-            prompt_tokens = await asyncio.to_thread(current.count_tokens, messages)
-            if prompt_tokens >= current.engine.session_len:
-                raise ApiError(400, str(PromptTooLongError(prompt_tokens,
-                                                           current.engine.session_len)),
-                               param="messages", code="context_length_exceeded")
             missing = [f for f in body.features() if f not in current.engine.supports]
             if missing:
                 raise ApiError(400, f"{missing[0]} is not implemented by the "
                                f"{current.engine.name} engine; remove it, or serve with an engine "
                                "that has it (README: which engine serves which field).",
                                param=missing[0], code="unsupported_parameter")
+            texts, encode, param = prompt_of(current)
+            if current.cannot_fit(texts):
+                raise ApiError(400, f"The {param} is too long for engine.session_len "
+                               f"({current.engine.session_len} tokens): shorten it.",
+                               param=param, code="context_length_exceeded")
+            # Off the event loop: a long prompt takes the tokenizer a while; /health must answer.
+            prompt = await asyncio.to_thread(encode)
+            if len(prompt) >= current.engine.session_len:
+                raise ApiError(400, str(PromptTooLongError(len(prompt), current.engine.session_len)),
+                               param=param, code="context_length_exceeded")
             params = current.params(
-                max_tokens=body.max_completion_tokens or body.max_tokens,
-                temperature=body.temperature, top_p=body.top_p, stop=body.stops(), seed=body.seed,
-                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                repetition_penalty=body.repetition_penalty,
+                max_tokens=body.answer_tokens(), temperature=body.temperature, top_p=body.top_p,
+                stop=body.stops(), seed=body.seed, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, logprobs=body.logprob_count(),
+                response_format=body.guided_format(),
             )
-            completion_id = new_completion_id()
-            stream = _observed(current.astream(messages, params), received, metrics)
+            form = fmt(recipe.name, current.token_text, echo)
+            stream = _observed(current.engine.stream_tokens(prompt, params), received, metrics)
             if not body.stream:
                 answer = await _unless_client_leaves(request, joined(stream))
                 if answer is None:  # the client left: generation was cancelled with it
                     return Response(status_code=499)
                 if metrics is not None:
                     metrics.requests.labels("200").inc()
-                return completion_body(completion_id, recipe.name, answer)
+                return form.body(answer)
         except BaseException:
             slot.release()
             raise
         finally:
             if not body.stream:
                 slot.release()
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
             try:
-                async for chunk in _sse(stream, completion_id, recipe.name, include_usage):
+                async for chunk in _sse(stream, form, body.include_usage()):
                     yield chunk
             finally:  # also when the client leaves mid-stream
                 slot.release()
@@ -235,6 +239,22 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             slot, events(), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        def prompt_of(current: Assistant):
+            messages = current.messages(body.plain_messages())
+            return [m["content"] for m in messages], lambda: current.engine.encode(messages), "messages"
+
+        return await generate(body, request, prompt_of, ChatFormat)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        # The text is continued as it is: no chat template, and no system prompt.
+        def prompt_of(current: Assistant):
+            return [body.prompt], lambda: current.engine.encode_text(body.prompt), "prompt"
+
+        return await generate(body, request, prompt_of, TextFormat, body.prompt if body.echo else "")
 
     if ui if ui is not None else recipe.serve.mode == "gradio":
         import gradio as gr  # imported only when the UI is served: it costs seconds
@@ -357,23 +377,23 @@ async def _ticking_until_first(stream: AsyncIterator[Delta], seconds: float):
         yield delta
 
 
-async def _sse(stream: AsyncIterator, completion_id: str, model: str,
+async def _sse(stream: AsyncIterator[Delta], form: ChatFormat,
                include_usage: bool) -> AsyncIterator[str]:
-    created = int(time.time())
-    yield sse_chunk(completion_id, model, created, {"role": "assistant", "content": ""})
-    content = content_chunk_framer(completion_id, model, created)
+    for event in form.start():
+        yield event
+    content = form.content_framer()
     try:
         async for delta in _ticking_until_first(stream, KEEPALIVE_SECONDS):
             if delta is None:  # still queued: an SSE comment keeps proxies and clients waiting
                 yield ": keep-alive\n\n"
                 continue
-            if delta.text:
+            if delta.logprobs:
+                yield form.piece(delta)
+            elif delta.text:
                 yield content(delta.text)
             if delta.finish_reason:
-                yield sse_chunk(completion_id, model, created, {}, delta.finish_reason)
-                if include_usage:
-                    yield sse_chunk(completion_id, model, created, {}, usage_body=usage(delta),
-                                    choices=False)
+                for event in form.end(delta, include_usage):
+                    yield event
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
         log.exception("generation failed")
         yield f"data: {json.dumps(error_body(str(exc), 'server_error'))}\n\n"
@@ -423,7 +443,8 @@ class ServerThread:
         import uvicorn
 
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    **uvicorn_options(app)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ServerThread:
@@ -459,4 +480,13 @@ def run(recipe: Recipe, host: str | None = None, port: int | None = None, *, for
     app = create_app(recipe, loading=loading)
     log.info("server built in %.1fs; serving %s on http://%s:%d (mode %s)",
              time.perf_counter() - started, recipe.name, host, port, recipe.serve.mode)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30,
+                **uvicorn_options(app))
+
+
+def uvicorn_options(app) -> dict:
+    """The connection limits (connections.py) for uvicorn serving `app`."""
+    from deploy.serve.connections import guarded_protocol
+
+    limit = getattr(app.state, "max_connections", None) or 1024
+    return {"http": guarded_protocol(limit)}
