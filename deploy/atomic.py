@@ -43,6 +43,7 @@ def write_json(path: Path, data: dict) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; reports and manifests are shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -22,9 +22,9 @@ def recipe(**sections):
     return parse_recipe(sections)
 
 
-def engine_config_kwargs(r, backend, model_config):
+def engine_config_kwargs(r, backend, model_config, free_after_weights=None):
     """The recipe -> engine config -> LMDeploy settings path, as the kit runs it."""
-    return config_kwargs(engine_config(r, backend), model_config)
+    return config_kwargs(engine_config(r, backend), model_config, free_after_weights)
 
 
 def test_kv_bytes_per_token_anchors():
@@ -74,8 +74,14 @@ def test_absolute_kv_budget_becomes_blocks():
     r = recipe(engine={"kv_cache_gib": 4})
     # 4 GiB / (64 tokens x 128 KiB) = 512 blocks for InternLM2 in fp16.
     assert engine_config_kwargs(r, "lmdeploy-pytorch", INTERNLM2)["num_gpu_blocks"] == 512
-    assert engine_config_kwargs(r, "lmdeploy-turbomind", INTERNLM2)["cache_max_entry_count"] == 512
     assert kv_blocks_for(4, INTERNLM2, "none", tp=2) == 1024  # each GPU holds half the heads
+    # TurboMind takes a ratio of the memory free after the weights: 4 of 64 GiB, rounded up.
+    kw = engine_config_kwargs(r, "lmdeploy-turbomind", INTERNLM2, free_after_weights=64 * 2**30)
+    assert kw["cache_max_entry_count"] == 0.063
+    with pytest.raises(RecipeError, match="does not fit"):
+        engine_config_kwargs(r, "lmdeploy-turbomind", INTERNLM2, free_after_weights=3 * 2**30)
+    with pytest.raises(RecipeError, match="free memory"):
+        engine_config_kwargs(r, "lmdeploy-turbomind", INTERNLM2)
 
 
 def test_tiny_kv_budget_and_float32_are_refused():

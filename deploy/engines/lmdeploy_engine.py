@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -40,8 +41,13 @@ BLOCK_TOKENS = 64  # LMDeploy's default KV block: PyTorch `block_size`, TurboMin
 DEFAULT_CACHE_RATIO = 0.8  # LMDeploy's own default
 
 
-def engine_config_kwargs(config: EngineConfig, model_config: dict) -> dict:
-    """The engine config in LMDeploy's terms, for TurbomindEngineConfig or PytorchEngineConfig."""
+TM_RESERVED_BYTES = 2**30  # what TurboMind takes besides weights before it sizes its cache (rounded up)
+
+
+def engine_config_kwargs(config: EngineConfig, model_config: dict,
+                         free_after_weights: int | None = None) -> dict:
+    """The engine config in LMDeploy's terms, for TurbomindEngineConfig or PytorchEngineConfig.
+    `free_after_weights` (bytes per GPU) turns kv_cache_gib into TurboMind's ratio."""
     engine = config
     if engine.dtype == "float32":
         raise RecipeError(
@@ -70,7 +76,9 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict) -> dict:
     if engine.kv_cache_gib is not None:
         blocks = kv_blocks_for(engine.kv_cache_gib, model_config, config.kv_cache, engine.tp)
         if config.backend == "lmdeploy-turbomind":
-            kwargs["cache_max_entry_count"] = blocks  # TurboMind: an integer > 1 is a block count
+            kwargs["cache_max_entry_count"] = turbomind_ratio(
+                blocks * BLOCK_TOKENS * kv_bytes_per_token(model_config, config.kv_cache) / engine.tp,
+                free_after_weights, engine.kv_cache_gib)
         else:
             kwargs["num_gpu_blocks"] = blocks
             kwargs["cache_max_entry_count"] = DEFAULT_CACHE_RATIO  # unused once blocks are fixed
@@ -78,6 +86,21 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict) -> dict:
         # A share of the memory still FREE after the weights load, not of the whole card.
         kwargs["cache_max_entry_count"] = engine.cache_max_entry_count or DEFAULT_CACHE_RATIO
     return kwargs
+
+
+def turbomind_ratio(needed: float, free_after_weights: int | None, gib: float) -> float:
+    """TurboMind 0.18 sizes its KV cache only as a ratio of the memory free once the weights are
+    in: a block count is refused ("object-cache path no longer accepts cache_max_block_count as a
+    block count", seen on the H200). The ratio that gives `needed` bytes, rounded up."""
+    if free_after_weights is None:
+        raise RecipeError("engine.kv_cache_gib on TurboMind needs the GPU's free memory: load the "
+                          "engine on a GPU, or set engine.cache_max_entry_count instead.")
+    ratio = math.ceil(needed / free_after_weights * 1000) / 1000
+    if ratio >= 1:
+        raise RecipeError(
+            f"engine.kv_cache_gib {gib} does not fit: about {free_after_weights / 2**30:.1f} GiB is "
+            "free once the weights are loaded. Lower it, or quantize the weights or the KV cache.")
+    return ratio
 
 
 def tp_executor() -> str:
@@ -104,11 +127,18 @@ def kv_blocks_for(gib: float, model_config: dict, kv_cache: str, tp: int = 1) ->
     return blocks
 
 
-def lmdeploy_config(config: EngineConfig, model_config: dict):
+def lmdeploy_config(config: EngineConfig, model_config: dict, model_dir: Path):
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
-    cls = TurbomindEngineConfig if config.backend == "lmdeploy-turbomind" else PytorchEngineConfig
-    return cls(**engine_config_kwargs(config, model_config))
+    turbomind = config.backend == "lmdeploy-turbomind"
+    free = None
+    if turbomind and config.kv_cache_gib is not None:
+        import torch
+
+        free = (torch.cuda.mem_get_info()[0] - _weight_file_bytes(model_dir) // config.tp
+                - TM_RESERVED_BYTES)
+    cls = TurbomindEngineConfig if turbomind else PytorchEngineConfig
+    return cls(**engine_config_kwargs(config, model_config, free))
 
 
 class LMDeployEngine(Engine):
@@ -134,7 +164,7 @@ class LMDeployEngine(Engine):
 
         log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
         self.tokenizer = load_tokenizer(self.model_dir, config.chat_template, trust)
-        self.config = lmdeploy_config(config, self.model_config)
+        self.config = lmdeploy_config(config, self.model_config, self.model_dir)
         log.info("LMDeploy %s config: %s", backend, self.config)
         checked = _env_check_marker(self.model_config, self.config)
         _skip_env_check(checked.exists())
