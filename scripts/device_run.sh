@@ -9,6 +9,7 @@
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 #   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
 #   bash scripts/device_run.sh coldstart BACKEND     # scripts/cold_start.py, 3 runs, InternLM2-7B shapes
+#   bash scripts/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
 #   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
 #   bash scripts/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
 # TurboMind: ../shared/device/fetch-turbomind-parts.sh .device/tm-parts makes 9 parts here; carry one
@@ -78,6 +79,18 @@ case "${1:-setup}" in
              printf 'name: cold-%s\nmodel:\n  source: local\n  path: %s\nengine:\n  backend: %s\n  dtype: float16\n  session_len: 4096\n  max_batch_size: 64\n  cache_max_entry_count: 0.2\nserve:\n  mode: api\n' \
                "$backend" "$weights" "$backend" > "/tmp/cold-$backend.yaml"
              python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 3 --json "$OUT/cold-$backend.json" ;;
+  tune) model 7b >/dev/null
+        status=0
+        python3 -m deploy tune scripts/device/llama7b-random-tune.yaml --sessions 16 --gpu "${3:-A10}" \
+          --budget "${2:-7m}" --out /tmp/tune-gpu || status=$?
+        # One archive: a call brings back only a few files. Logs are cut to their last 4 kB.
+        rm -rf /tmp/tune-pack && mkdir -p /tmp/tune-pack/logs
+        cp -r /tmp/tune-gpu/report.* /tmp/tune-gpu/recipe.yaml /tmp/tune-gpu/measured /tmp/tune-gpu/recipes \
+          /tmp/tune-gpu/candidates.png /tmp/tune-pack/ 2>/dev/null || true
+        for f in /tmp/tune-gpu/logs/*.log; do tail -c 4000 "$f" > "/tmp/tune-pack/logs/${f##*/}"; done
+        tar czf "$OUT/tune.tgz" -C /tmp/tune-pack .
+        [ $status = 0 ] || tail -c 3000 /tmp/tune-gpu/logs/*.log
+        exit $status ;;
   tm-stage) mkdir -p /tmp/tmparts && cp .device/tm-carry/part* /tmp/tmparts/ && ls /tmp/tmparts ;;
   tm-assemble) cp .device/tm-carry/MD5 /tmp/tmparts/ 2>/dev/null || true
                (cd /tmp/tmparts && cat part* | md5sum | diff - MD5) || { echo "TurboMind parts: MD5 differs" >&2; exit 1; }
