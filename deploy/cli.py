@@ -68,12 +68,12 @@ def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> 
 
 
 def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, profile: str | None,
-          force: bool, report_only: bool) -> int:
+          force: bool, report_only: bool, repeats: int) -> int:
     """Benchmark a matrix of settings (memory, speed, serving latency, quality) into one report."""
     from deploy.bench.runner import run_bench
 
     report = run_bench(recipe, tasks, settings.split(",") if settings else None, out, profile, force,
-                       report_only)
+                       report_only, repeats)
     print(f"report: {report}")
     return 0
 
@@ -240,11 +240,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path, metavar="RECIPE", help="the model and engine settings to vary")
     p.add_argument("--tasks", type=Path, help="JSONL task file: prompt, optional reference and system "
                    "(default: the kit's sample set, English and Chinese)")
-    p.add_argument("--settings", help="comma-separated settings (also lmdeploy-kv4, lmdeploy-w4a16-kv4)")
+    p.add_argument("--settings", help="comma-separated settings (also lmdeploy-kv4, lmdeploy-w4a16-kv4, and "
+                   "lmdeploy-pytorch-fp16: LMDeploy's PyTorch engine whatever the recipe's backend)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--profile", choices=["gpu", "cpu", "smoke"], help="how much to measure "
                    "(default: gpu or cpu by machine; smoke is a quick check)")
     p.add_argument("--force", action="store_true", help="re-measure settings already measured")
+    p.add_argument("--repeats", type=int, default=1, help="serving runs at each concurrency, for "
+                   "the spread a comparison needs (default 1; the report shows median and range)")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the report from OUT's results (e.g. copied from a GPU machine)")
 

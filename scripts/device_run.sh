@@ -4,7 +4,8 @@
 #   bash scripts/device_run.sh gputest               # pytest -m gpu against the tiny model
 #   bash scripts/device_run.sh gate                  # AWQ build + LMDeploy quality gate, GPU memory trace
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
-#   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model
+#   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model (REPEATS=3)
+#   bash scripts/device_run.sh short                 # scripts/gpu_short_answers.py on the 7b model
 #   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 #   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
@@ -56,10 +57,15 @@ case "${1:-setup}" in
   bench) model 7b >/dev/null
          status=0
          python3 -m deploy bench scripts/device/llama7b-random.yaml --out /tmp/bench-gpu \
-           --settings "${2:-lmdeploy-fp16}" || status=$?
-         cp /tmp/bench-gpu/*.json "$OUT"/ 2>/dev/null || true
+           --settings "${2:-lmdeploy-fp16}" --repeats "${REPEATS:-1}" || status=$?
+         # One archive: a call brings back only a few files. Logs are cut to their last 8 kB.
+         rm -rf /tmp/bench-pack && mkdir -p /tmp/bench-pack/logs
+         cp /tmp/bench-gpu/*.json /tmp/bench-gpu/report.md /tmp/bench-gpu/*.png /tmp/bench-pack/ 2>/dev/null || true
+         for f in /tmp/bench-gpu/logs/*.log; do tail -c 8000 "$f" > "/tmp/bench-pack/logs/${f##*/}"; done
+         tar czf "$OUT/bench.tgz" -C /tmp/bench-pack .
          [ $status = 0 ] || tail -c 3000 /tmp/bench-gpu/logs/*.log
          exit $status ;;
+  short) python3 scripts/gpu_short_answers.py --model "$(model 7b)" --out "$OUT" ;;
   overhead) python3 scripts/gpu_overhead.py --model "$(model 7b)" --out /tmp/overhead ${2:-}
             cp /tmp/overhead/overhead.json /tmp/overhead/*.log "$OUT"/ ;;
   tp) status=0

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def bench_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     run = subprocess.run([sys.executable, "-m", "deploy", "bench", "recipes/smollm2-cpu-w4.yaml",
-                          "--profile", "smoke", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900)
+                          "--profile", "smoke", "--repeats", "2", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return out, run
 
@@ -31,7 +31,9 @@ def test_results_are_sane(bench_out):
         assert r["engine"] == "transformers"
         assert r["load_s"] > 0 and r["decode"]["decode_tok_per_s"] > 0
         assert r["offline"]["tokens"] > 0 and r["offline"]["tok_per_s"] > 0
-        assert [s["concurrency"] for s in r["serving"]] == [1, 2]
+        # Two runs at each concurrency (--repeats 2), and every decode run kept.
+        assert [(s["concurrency"], s["repeat"]) for s in r["serving"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+        assert len(r["decode_runs"]) == 3
         assert all(s["failed"] == 0 and s["output_tok_per_s"] > 0 for s in r["serving"])
         assert all(s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] for s in r["serving"])
         assert r["memory"]["gpus"] == [] and r["memory"]["process"]["rss_bytes"] > 0
@@ -50,6 +52,11 @@ def test_report_has_every_section_and_plot(bench_out):
     for heading in ("## Memory", "## Speed", "## Serving through the OpenAI API", "## Quality"):
         assert heading in report
     assert report.count("| transformers-w4a16 |") >= 4  # memory, speed, 2 serving rows, quality
+    # One row per concurrency, its throughput the median with the range of the two runs.
+    import re
+
+    serving = [line for line in report.splitlines() if line.startswith("| transformers-bf16 | 2 |")]
+    assert len(serving) == 1 and re.search(r"\| [\d.]+ \([\d.]+-[\d.]+\) \|", serving[0])
     for plot in ("memory.png", "throughput.png", "quality.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 

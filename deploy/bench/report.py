@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
         "",
         "## Speed",
         "",
-        "| setting | load (s) | start to first token (s) | batch-1 decode (tok/s) | vs transformers "
+        "| setting | load (s) | start to first token (s) | batch-1 decode (tok/s, median of 3) "
+        "| vs transformers "
         "| batch-1 TTFT (ms) | offline (tok/s) | offline batch |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -70,36 +72,42 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
         d, o = r["decode"], r["offline"]
         ratio = (d["decode_tok_per_s"] / baseline["decode"]["decode_tok_per_s"]
                  if baseline and d["decode_tok_per_s"] and baseline["decode"]["decode_tok_per_s"] else None)
+        runs = [v for v in r.get("decode_runs", []) if v]
+        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
         lines.append(
             f"| {r['setting']} | {r['load_s']:.1f} | {r['start_to_first_token_s']:.1f} "
-            f"| {_fmt(d['decode_tok_per_s'])} | {_fmt(ratio, '.2f')}x | {d['ttft_ms']:.0f} "
+            f"| {_fmt(d['decode_tok_per_s'])}{spread} | {_fmt(ratio, '.2f')}x | {d['ttft_ms']:.0f} "
             f"| {o['tok_per_s']:.1f} | {o['prompts']} x {o['tokens'] // max(o['prompts'], 1)} |")
     lines += [
         "",
         "## Serving through the OpenAI API",
         "",
         "Streaming requests from the official `openai` client; TTFT, TPOT and ITL as vLLM's and "
-        "LMDeploy's serving benchmarks define them (ms, p50 / p90 / p99).",
+        "LMDeploy's serving benchmarks define them (ms, p50 / p90 / p99). With repeated runs "
+        "(`--repeats`): the median output tok/s with the range in brackets, requests and "
+        "failures summed, latencies from the median run.",
         "",
         "| setting | concurrency | requests | failed | req/s | output tok/s | vs its concurrency 1 "
         "| vs transformers | TTFT | TPOT | ITL |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_serving = {s["concurrency"]: s for s in baseline["serving"]} if baseline else {}
+    base_serving = by_concurrency(baseline) if baseline else {}
     for r in results:
-        single = next((s["output_tok_per_s"] for s in r["serving"] if s["concurrency"] == 1), None)
-        for s in r["serving"]:
-            b = base_serving.get(s["concurrency"])
-            scaling = s["output_tok_per_s"] / single if single else None
+        cells = by_concurrency(r)
+        single = cells.get(1)
+        for c, s in cells.items():
+            b = base_serving.get(c)
+            scaling = s["output_tok_per_s"] / single["output_tok_per_s"] if single else None
             ratio = s["output_tok_per_s"] / b["output_tok_per_s"] if b and b["output_tok_per_s"] else None
 
             def pct(d):
                 return " / ".join(_fmt(d[k], ".0f") for k in ("p50", "p90", "p99"))
 
+            spread = f" ({s['low']:.1f}-{s['high']:.1f})" if s["runs"] > 1 else ""
             lines.append(
-                f"| {r['setting']} | {s['concurrency']} | {s['requests']} | {s['failed']} "
-                f"| {s['request_per_s']:.2f} | {s['output_tok_per_s']:.1f} | {_fmt(scaling, '.2f')}x "
-                f"| {_fmt(ratio, '.2f')}x "
+                f"| {r['setting']} | {c} | {s['requests']} | {s['failed']} "
+                f"| {s['request_per_s']:.2f} | {s['output_tok_per_s']:.1f}{spread} "
+                f"| {_fmt(scaling, '.2f')}x | {_fmt(ratio, '.2f')}x "
                 f"| {pct(s['ttft_ms'])} | {pct(s['tpot_ms'])} | {pct(s['itl_ms'])} |")
     reference = results[0]["setting"]
     lines += [
@@ -128,6 +136,23 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+def by_concurrency(result: dict) -> dict[int, dict]:
+    """One serving cell per concurrency. With repeated runs: the median run's numbers, its
+    throughput the median, `low`-`high` the range over the runs, failures summed."""
+    cells: dict[int, list[dict]] = {}
+    for s in result["serving"]:
+        cells.setdefault(s["concurrency"], []).append(s)
+    out = {}
+    for c, runs in cells.items():
+        ordered = sorted(runs, key=lambda s: s["output_tok_per_s"])
+        middle = ordered[len(ordered) // 2]
+        out[c] = {**middle, "requests": sum(s["requests"] for s in runs),
+                  "failed": sum(s["failed"] for s in runs), "runs": len(runs),
+                  "output_tok_per_s": statistics.median(s["output_tok_per_s"] for s in runs),
+                  "low": ordered[0]["output_tok_per_s"], "high": ordered[-1]["output_tok_per_s"]}
+    return out
 
 
 def _plots(out: Path, results: list[dict]) -> list[Path]:
@@ -161,8 +186,9 @@ def _plots(out: Path, results: list[dict]) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in results:
-        ax.plot([s["concurrency"] for s in r["serving"]], [s["output_tok_per_s"] for s in r["serving"]],
-                marker="o", label=r["setting"])
+        cells = by_concurrency(r)
+        ax.plot(list(cells), [s["output_tok_per_s"] for s in cells.values()], marker="o",
+                label=r["setting"])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrent requests")

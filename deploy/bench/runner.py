@@ -28,6 +28,8 @@ SETTINGS = {
     "lmdeploy-kv4": ("lmdeploy", "none", "int4"),
     "lmdeploy-w4a16-kv8": ("lmdeploy", "w4a16", "int8"),
     "lmdeploy-w4a16-kv4": ("lmdeploy", "w4a16", "int4"),
+    # LMDeploy's PyTorch engine where `auto` picks TurboMind: the sixth row of the flagship table.
+    "lmdeploy-pytorch-fp16": ("lmdeploy-pytorch", "none", "none"),
     "transformers-fp16": ("transformers", "none", "none"),
     "transformers-bf16": ("transformers", "none", "none"),
     "transformers-w4a16": ("transformers", "w4a16", "none"),
@@ -65,8 +67,10 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
     family, weights, kv = SETTINGS[label]
     data = base.model_dump(exclude={"publish"})
     engine = data["engine"]
-    if family == "lmdeploy":
-        if not str(engine["backend"]).startswith("lmdeploy"):
+    if family.startswith("lmdeploy"):
+        if family != "lmdeploy":
+            engine["backend"] = family  # this backend whatever the recipe says
+        elif not str(engine["backend"]).startswith("lmdeploy"):
             engine["backend"] = "auto"
         if engine.get("kv_cache_gib") is None:
             engine["cache_max_entry_count"] = engine.get("cache_max_entry_count") or FIXED_CACHE_RATIO
@@ -75,7 +79,7 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
         engine["dtype"] = "float16" if label.endswith("fp16") else "auto"
     data["quantization"].update(weights=weights, kv_cache=kv)
     # Settings with the same weights share one build (the KV cache is chosen at serving time).
-    data["name"] = f"{base.name}-{family}-{weights}"
+    data["name"] = f"{base.name}-{family.split('-')[0]}-{weights}"
     data["serve"]["mode"] = "api"
     recipe = parse_recipe(data)
     recipe._base_dir = base._base_dir
@@ -83,7 +87,8 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
 
 
 def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None, out: Path,
-              profile: str | None = None, force: bool = False, report_only: bool = False) -> Path:
+              profile: str | None = None, force: bool = False, report_only: bool = False,
+              repeats: int = 1) -> Path:
     from deploy.bench.report import write_report
     from deploy.recipe.tasks import default_tasks_file, load_tasks
 
@@ -104,7 +109,7 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
 
         raise RecipeError(f"Unknown setting(s) {unknown}; choose from: {', '.join(SETTINGS)}.")
     missing = [s for s in settings if not (out / f"{s}.json").is_file()]
-    if not gpu and any(SETTINGS[s][0] == "lmdeploy" for s in missing):
+    if not gpu and any(SETTINGS[s][0].startswith("lmdeploy") for s in missing):
         from deploy.recipe import RecipeError
 
         raise RecipeError("LMDeploy settings need LMDeploy and an NVIDIA GPU; on this machine run "
@@ -126,7 +131,8 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
         if first and reference.exists():
             reference.unlink()  # the reference is the first setting's: re-measured with it
         spec = {"label": label, "recipe": str(recipe_file), "tasks": str(tasks), "out": str(result_path),
-                "profile": PROFILES[profile], "reference": None if first else str(reference),
+                "profile": {**PROFILES[profile], "repeats": repeats},
+                "reference": None if first else str(reference),
                 "save_reference": str(reference) if first else None}
         spec_file = out / "logs" / f"{label}.spec.json"
         spec_file.write_text(json.dumps(spec, indent=2))

@@ -130,6 +130,7 @@ def measure(spec: dict) -> dict:
             runs = [server.call(_decode(assistant, prompts[0], profile["decode_tokens"]))
                     for _ in range(3)]
             result["decode"] = sorted(runs, key=lambda r: r["decode_tok_per_s"] or 0)[1]
+            result["decode_runs"] = [r["decode_tok_per_s"] for r in runs]
             offline = [prompts[i % len(prompts)] for i in range(profile["offline_prompts"])]
             server.call(_offline(assistant, offline, 4))
             result["offline"] = server.call(_offline(assistant, offline, profile["offline_tokens"]))
@@ -141,9 +142,11 @@ def measure(spec: dict) -> dict:
                 asyncio.run(run_load(server.url + "/v1", recipe.name, prompts, c, c, 4))  # warm-up
                 # Several requests per slot: with one, the batch empties while the last answers
                 # finish, and the number says more about the tail than about the concurrency.
-                load = run_load(server.url + "/v1", recipe.name, prompts, c,
-                                c * profile["requests_per_slot"], profile["serve_tokens"])
-                result["serving"].append(asyncio.run(load).as_dict())
+                # Repeats give the spread that a comparison needs (report.py shows it).
+                for repeat in range(profile.get("repeats", 1)):
+                    load = run_load(server.url + "/v1", recipe.name, prompts, c,
+                                    c * profile["requests_per_slot"], profile["serve_tokens"])
+                    result["serving"].append({**asyncio.run(load).as_dict(), "repeat": repeat})
             reference = None
             if spec.get("reference") and Path(spec["reference"]).is_file():
                 reference = torch.load(spec["reference"])

@@ -36,7 +36,7 @@ def profile(kind: str, sessions: int, repeats: int, recipe: Recipe) -> dict:
     """The benchmark profile for one candidate: what `deploy tune` needs, and little else."""
     verify = recipe.quantization.verify
     return {"decode_tokens": 16, "offline_prompts": 1, "offline_tokens": 4,
-            "concurrency": [sessions] * repeats, "requests_per_slot": 2,
+            "concurrency": [sessions], "repeats": repeats, "requests_per_slot": 2,
             "serve_tokens": 32 if kind == "gpu" else 24,
             "quality_prompts": verify.prompts, "quality_tokens": verify.answer_tokens}
 
