@@ -5,6 +5,7 @@
 #   bash scripts/device_run.sh gate                  # AWQ build + LMDeploy quality gate, GPU memory trace
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
 #   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model (REPEATS=3)
+#   bash scripts/device_run.sh bench-internlm2 SETTINGS  # the same on InternLM2-7B shapes
 #   bash scripts/device_run.sh short                 # scripts/gpu_short_answers.py on the 7b model
 #   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
@@ -54,16 +55,22 @@ case "${1:-setup}" in
         tail -n 5 "$OUT/gate-build.log" "$OUT/gate-serve.log" ;;
   lmdeploy) python3 scripts/gpu_lmdeploy.py --model "$(model 7b)" --out "$OUT/gpu" \
              --settings "${2:-fp16,kv8,kv4,awq}" ;;
-  bench) model 7b >/dev/null
+  bench|bench-internlm2)
          status=0
-         python3 -m deploy bench scripts/device/llama7b-random.yaml --out /tmp/bench-gpu \
+         recipe=scripts/device/llama7b-random.yaml
+         if [ "$1" = bench ]; then model 7b >/dev/null; else
+           recipe=scripts/device/internlm2-7b-random.yaml
+           [ -f "$MODELS/internlm2-7b/config.json" ] || python3 scripts/make_random_internlm2.py \
+             "$MODELS/internlm2-7b" .device/tok32k --size 7b >/dev/null
+         fi
+         python3 -m deploy bench "$recipe" --out "/tmp/$1-gpu" \
            --settings "${2:-lmdeploy-fp16}" --repeats "${REPEATS:-1}" || status=$?
          # One archive: a call brings back only a few files. Logs are cut to their last 8 kB.
          rm -rf /tmp/bench-pack && mkdir -p /tmp/bench-pack/logs
-         cp /tmp/bench-gpu/*.json /tmp/bench-gpu/report.md /tmp/bench-gpu/*.png /tmp/bench-pack/ 2>/dev/null || true
-         for f in /tmp/bench-gpu/logs/*.log; do tail -c 8000 "$f" > "/tmp/bench-pack/logs/${f##*/}"; done
-         tar czf "$OUT/bench.tgz" -C /tmp/bench-pack .
-         [ $status = 0 ] || tail -c 3000 /tmp/bench-gpu/logs/*.log
+         cp "/tmp/$1-gpu"/*.json "/tmp/$1-gpu"/report.md "/tmp/$1-gpu"/*.png /tmp/bench-pack/ 2>/dev/null || true
+         for f in "/tmp/$1-gpu"/logs/*.log; do tail -c 8000 "$f" > "/tmp/bench-pack/logs/${f##*/}"; done
+         tar czf "$OUT/$1.tgz" -C /tmp/bench-pack .
+         [ $status = 0 ] || tail -c 3000 "/tmp/$1-gpu"/logs/*.log
          exit $status ;;
   short) python3 scripts/gpu_short_answers.py --model "$(model 7b)" --out "$OUT" ;;
   overhead) python3 scripts/gpu_overhead.py --model "$(model 7b)" --out /tmp/overhead ${2:-}

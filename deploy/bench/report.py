@@ -18,6 +18,11 @@ def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
+def _times(value) -> str:
+    """A ratio as '1.23x', or '-' where there is nothing to compare with."""
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def _machine(results: list[dict]) -> str:
     gpus = results[0]["memory"]["gpus"]
     if gpus:
@@ -76,7 +81,7 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
         spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
         lines.append(
             f"| {r['setting']} | {r['load_s']:.1f} | {r['start_to_first_token_s']:.1f} "
-            f"| {_fmt(d['decode_tok_per_s'])}{spread} | {_fmt(ratio, '.2f')}x | {d['ttft_ms']:.0f} "
+            f"| {_fmt(d['decode_tok_per_s'])}{spread} | {_times(ratio)} | {d['ttft_ms']:.0f} "
             f"| {o['tok_per_s']:.1f} | {o['prompts']} x {o['tokens'] // max(o['prompts'], 1)} |")
     lines += [
         "",
@@ -107,7 +112,7 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
             lines.append(
                 f"| {r['setting']} | {c} | {s['requests']} | {s['failed']} "
                 f"| {s['request_per_s']:.2f} | {s['output_tok_per_s']:.1f}{spread} "
-                f"| {_fmt(scaling, '.2f')}x | {_fmt(ratio, '.2f')}x "
+                f"| {_times(scaling)} | {_times(ratio)} "
                 f"| {pct(s['ttft_ms'])} | {pct(s['tpot_ms'])} | {pct(s['itl_ms'])} |")
     reference = results[0]["setting"]
     lines += [
@@ -126,7 +131,7 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
         q = r["quality"]
         lines.append(
             f"| {r['setting']} | {q['prompts']} | {_fmt(q['top1_agreement'], '.3f')} "
-            f"| {_fmt(q['mean_kl'], '.4f')} "
+            f"| {_fmt(q['mean_kl'] and max(q['mean_kl'], 0.0), '.4f')} "
             f"| {q['scored']} | {_fmt(q.get('exact'), '.2f')} | {_fmt(q.get('contains'), '.2f')} "
             f"| {_fmt(q.get('rouge_l'), '.2f')} |")
     if plots:
