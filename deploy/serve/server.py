@@ -100,7 +100,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
     if api_key is not None:  # added last, so it runs first: before the body is read
         app.add_middleware(KeyGuard, api_key=api_key,
                            guarded=("/v1", "/memory", "/docs", "/redoc", "/openapi.json"))
-    pending = 0  # chat requests admitted and not finished; bounded by serve.max_pending
+    pending = 0  # generation requests admitted and not finished; bounded by serve.max_pending
 
     def count(request: Request, status: int) -> None:
         if metrics is not None and request.url.path in GENERATING:
