@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from deploy.engines.base import TokenLogprob
+from deploy.engines.lean_imports import cache_utils_without_hqq
+
+_cache_utils = cache_utils_without_hqq()  # 1.4 s less on a CPU start (lean_imports.py)
+DynamicCache, DynamicLayer = _cache_utils.DynamicCache, _cache_utils.DynamicLayer
 
 log = logging.getLogger(__name__)
 
