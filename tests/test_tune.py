@@ -122,6 +122,8 @@ def test_plan_only_for_a_gpu_agrees_with_the_planner(tmp_path):
     (["--budget", "soon"], "20m"),
     (["--goal", "cheap"], "throughput"),
     (["--batch-sizes", "4,x"], "--batch-sizes"),
+    (["--sessions", "0"], "1 or more"),
+    (["--repeats", "0"], "1 or more"),
 ])
 def test_wrong_flags_say_what_to_do(args, words):
     run = deploy("tune", "recipes/smollm2-cpu.yaml", *args, timeout=120)

@@ -78,6 +78,8 @@ def tune(base: Recipe, config: dict, out: Path, *, gpu: str | None = None, sessi
 
     if goal not in GOALS:
         raise RecipeError(f"--goal {goal!r} is not one of: {', '.join(GOALS)}.")
+    if (sessions is not None and sessions < 1) or repeats < 1:
+        raise RecipeError("--sessions and --repeats take a whole number of 1 or more.")
     sessions = sessions or base.engine.max_batch_size
     verify = base.quantization.verify
     min_top1 = verify.min_top1_agreement if min_top1 is None else min_top1
