@@ -111,3 +111,17 @@ def test_completions_refuse_what_they_do_not_serve(client, recipe, extra, words)
 def test_completions_of_another_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt=TEXT, max_tokens=2)
+
+
+def test_legacy_stream_chunks_are_text_completion_objects(api_server, recipe):
+    import json
+
+    import httpx
+
+    body = {"model": recipe.name, "prompt": TEXT, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", api_server.url + "/v1/completions", json=body, timeout=60) as reply:
+        events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks and {c["object"] for c in chunks} == {"text_completion"}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")

@@ -216,7 +216,7 @@ class ChatFormat:
     """Chat completions as OpenAI frames them: a whole body, or SSE chunks of `chat.completion.chunk`.
     `token_text` turns a token id into its text, for log probabilities."""
 
-    object_name, id_prefix = "chat.completion", "chatcmpl"
+    object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def __init__(self, model: str, token_text: Callable[[int], str], echo: str = ""):
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
@@ -248,7 +248,7 @@ class ChatFormat:
     def chunk(self, delta: dict | None, finish_reason: str | None = None,
               usage_body: dict | None = None, logprobs: dict | None = None) -> str:
         """One `data:` event; `delta` None makes the usage-only chunk, which has no choices."""
-        body = {"id": self.id, "object": f"{self.object_name}.chunk", "created": self.created,
+        body = {"id": self.id, "object": self.chunk_name, "created": self.created,
                 "model": self.model,
                 "choices": [] if delta is None else [self._chunk_choice(delta, finish_reason, logprobs)]}
         if usage_body is not None:
@@ -292,7 +292,8 @@ class TextFormat(ChatFormat):
     """The legacy text completions: `text_completion` objects, text in `choices[0].text`, and
     log probabilities as tokens, token_logprobs, top_logprobs and text_offset."""
 
-    object_name, id_prefix = "text_completion", "cmpl"
+    # The legacy stream's chunks are `text_completion` objects too.
+    object_name, chunk_name, id_prefix = "text_completion", "text_completion", "cmpl"
 
     def _choice(self, answer: Delta) -> dict:
         return {"index": 0, "text": self.echo + answer.text,
@@ -309,12 +310,6 @@ class TextFormat(ChatFormat):
         return {"tokens": tokens, "token_logprobs": [s.logprob for s in scores],
                 "top_logprobs": [{self.token_text(t): lp for t, lp in s.top} for s in scores],
                 "text_offset": offsets}
-
-    def chunk(self, delta: dict | None, finish_reason: str | None = None,
-              usage_body: dict | None = None, logprobs: dict | None = None) -> str:
-        # The legacy stream's chunks are `text_completion` objects too, not `.chunk` ones.
-        event = super().chunk(delta, finish_reason, usage_body, logprobs)
-        return event.replace('"text_completion.chunk"', '"text_completion"', 1)
 
     def _chunk_choice(self, delta: dict, finish_reason: str | None, logprobs: dict | None) -> dict:
         return {"index": 0, "text": delta.get("text", ""), "logprobs": logprobs,
