@@ -124,18 +124,11 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
         if result_path.is_file() and not force:
             console.print(f"[{number}/{len(settings)}] {label}: measured earlier, kept")
             continue
-        recipe = setting_recipe(base, label)
-        recipe_file = out / "recipes" / f"{label}.yaml"
-        recipe_file.write_text(yaml.safe_dump(portable_recipe(recipe), allow_unicode=True))
         first = number == 1
         if first and reference.exists():
             reference.unlink()  # the reference is the first setting's: re-measured with it
-        spec = {"label": label, "recipe": str(recipe_file), "tasks": str(tasks), "out": str(result_path),
-                "profile": {**PROFILES[profile], "repeats": repeats},
-                "reference": None if first else str(reference),
-                "save_reference": str(reference) if first else None}
-        spec_file = out / "logs" / f"{label}.spec.json"
-        spec_file.write_text(json.dumps(spec, indent=2))
+        spec_file = write_spec(out, label, setting_recipe(base, label), tasks, result_path,
+                               {**PROFILES[profile], "repeats": repeats}, reference, first)
         started = time.perf_counter()
         with console.status(f"[{number}/{len(settings)}] {label}: measuring in a fresh process ..."), \
                 (out / "logs" / f"{label}.log").open("w") as log:
@@ -147,6 +140,20 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
                              f"Fix it and rerun: finished settings are kept.")
         console.print(f"[{number}/{len(settings)}] {label}: done in {time.perf_counter() - started:.0f}s")
     return write_report(out, settings, base, profile)
+
+
+def write_spec(out: Path, label: str, recipe: Recipe, tasks: Path, result: Path, profile: dict,
+               reference: Path, is_reference: bool) -> Path:
+    """OUT/recipes/LABEL.yaml and the worker's spec, OUT/logs/LABEL.spec.json. The reference
+    setting saves its logits to `reference`; every other setting is compared with them."""
+    recipe_file = out / "recipes" / f"{label}.yaml"
+    recipe_file.write_text(yaml.safe_dump(portable_recipe(recipe), allow_unicode=True))
+    spec = {"label": label, "recipe": str(recipe_file), "tasks": str(tasks), "out": str(result),
+            "profile": profile, "reference": None if is_reference else str(reference),
+            "save_reference": str(reference) if is_reference else None}
+    spec_file = out / "logs" / f"{label}.spec.json"
+    spec_file.write_text(json.dumps(spec, indent=2))
+    return spec_file
 
 
 def portable_recipe(recipe: Recipe) -> dict:

@@ -46,27 +46,19 @@ def machine_target(gpu: str | None, plan_only: bool) -> tuple[Target, str]:
     from deploy.capacity.planner import parse_gpu
     from deploy.engines.hardware import gpu_report
 
-    here = has_gpu()
-    if gpu is not None:
-        if not here and not plan_only:
-            raise RecipeError(f"This machine has no GPU to measure on: add --plan-only to plan for "
-                              f"the {gpu} without measuring, or drop --gpu to tune for this CPU.")
-        name, total = parse_gpu(gpu)
-        target = Target("gpu", name, total)
-    elif here:
-        card = gpu_report()["gpus"][0]
+    card = gpu_report()["gpus"][0] if has_gpu() else None  # the GPU that measures, if any
+    if gpu is not None and card is None and not plan_only:
+        raise RecipeError(f"This machine has no GPU to measure on: add --plan-only to plan for "
+                          f"the {gpu} without measuring, or drop --gpu to tune for this CPU.")
+    if gpu is not None or (card is None and plan_only):
+        target = Target("gpu", *parse_gpu(gpu))
+    elif card is not None:
         target = Target("gpu", card["name"], card["total_bytes"])
-    elif plan_only:
-        name, total = parse_gpu(None)
-        target = Target("gpu", name, total)
     else:
         target = Target("cpu", f"this CPU machine ({os.cpu_count()} cores)",
                         psutil.virtual_memory().total)
-    if here:
-        card = gpu_report()["gpus"][0]
-        machine = f"{card['name']} ({card['total_bytes'] / 2**30:.0f} GiB)"
-    else:
-        machine = f"CPU only: {platform.machine()}, {os.cpu_count()} cores"
+    machine = (f"{card['name']} ({card['total_bytes'] / 2**30:.0f} GiB)" if card is not None
+               else f"CPU only: {platform.machine()}, {os.cpu_count()} cores")
     return target, machine
 
 

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from deploy.bench.runner import portable_recipe
+from deploy.bench.runner import write_spec
 from deploy.recipe import Recipe
 from deploy.tune.candidates import Verdict
 
@@ -142,15 +141,8 @@ def _record(verdict: Verdict, result: dict, prof: dict) -> None:
 def _run_worker(base: Recipe, verdict: Verdict, out: Path, tasks: Path, prof: dict,
                 reference_file: Path, reference: bool, timeout: float | None) -> str | None:
     """None when measured; "timeout"; else the failure's last log lines."""
-    recipe = verdict.candidate.recipe(base)
-    recipe_file = out / "recipes" / f"{verdict.label}.yaml"
-    recipe_file.write_text(yaml.safe_dump(portable_recipe(recipe), allow_unicode=True))
-    spec = {"label": verdict.label, "recipe": str(recipe_file), "tasks": str(tasks),
-            "out": str(out / "measured" / f"{verdict.label}.json"), "profile": prof,
-            "reference": None if reference else str(reference_file),
-            "save_reference": str(reference_file) if reference else None}
-    spec_file = out / "logs" / f"{verdict.label}.spec.json"
-    spec_file.write_text(json.dumps(spec, indent=2))
+    spec_file = write_spec(out, verdict.label, verdict.candidate.recipe(base), tasks,
+                           out / "measured" / f"{verdict.label}.json", prof, reference_file, reference)
     log_path = out / "logs" / f"{verdict.label}.log"
     with log_path.open("w") as log:
         # A session of its own, so a stop at the budget also ends LMDeploy's engine processes.
