@@ -10,6 +10,8 @@
 #   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 #   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
+#   bash scripts/device_run.sh flagship [RECIPES] [BACKENDS]  # scripts/gpu_flagship.py: the InternLM2
+#                                                    # recipes built, gated and served on InternLM2-7B shapes
 #   bash scripts/device_run.sh coldstart BACKEND     # scripts/cold_start.py, 3 runs, InternLM2-7B shapes
 #   bash scripts/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
 #   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
@@ -34,6 +36,11 @@ fi
 model() {  # model tiny|7b: build once per machine
   [ -f "$MODELS/$1/config.json" ] || python3 scripts/make_random_llama.py "$1" "$MODELS/$1" .device/tok32k >/dev/null
   echo "$MODELS/$1"
+}
+internlm2_code() {  # InternLM2-7B shapes carrying the project's transformers code (scripts/internlm2_hf)
+  [ -f "$MODELS/internlm2-7b-code/config.json" ] || python3 scripts/make_random_internlm2.py \
+    "$MODELS/internlm2-7b-code" .device/tok32k --size 7b --modeling >/dev/null
+  echo "$MODELS/internlm2-7b-code"
 }
 case "${1:-setup}" in
   setup) nvidia-smi -L; model tiny; model 7b ;;
@@ -60,8 +67,7 @@ case "${1:-setup}" in
          recipe=scripts/device/llama7b-random.yaml
          if [ "$1" = bench ]; then model 7b >/dev/null; else
            recipe=scripts/device/internlm2-7b-random.yaml
-           [ -f "$MODELS/internlm2-7b/config.json" ] || python3 scripts/make_random_internlm2.py \
-             "$MODELS/internlm2-7b" .device/tok32k --size 7b >/dev/null
+           internlm2_code >/dev/null
          fi
          python3 -m deploy bench "$recipe" --out "/tmp/$1-gpu" \
            --settings "${2:-lmdeploy-fp16}" --repeats "${REPEATS:-1}" || status=$?
@@ -86,6 +92,15 @@ case "${1:-setup}" in
              mkdir -p "$OUT/$backend"
              cp "/tmp/internlm2-$backend"/internlm2.json "/tmp/internlm2-$backend"/*.log "$OUT/$backend"/ 2>/dev/null || true
              exit $status ;;
+  flagship) status=0
+            python3 scripts/gpu_flagship.py --model "$(internlm2_code)" --out /tmp/flagship \
+              --recipes "${2:-w4a16-kv8,w4a16,kv8}" --backends "${3:-auto,lmdeploy-pytorch}" || status=$?
+            # One archive: a call brings back only a few files. Logs are cut to their last 8 kB.
+            rm -rf /tmp/flagship-pack && mkdir -p /tmp/flagship-pack
+            cp /tmp/flagship/*.json /tmp/flagship/*.yaml /tmp/flagship/*.csv /tmp/flagship-pack/ 2>/dev/null || true
+            for f in /tmp/flagship/*.log; do tail -c 8000 "$f" > "/tmp/flagship-pack/${f##*/}"; done
+            tar czf "$OUT/flagship.tgz" -C /tmp/flagship-pack .
+            exit $status ;;
   coldstart) backend=${2:-lmdeploy-turbomind}
              weights=$MODELS/internlm2-7b
              [ -f "$weights/config.json" ] || python3 scripts/make_random_internlm2.py "$weights" .device/tok32k --size 7b

@@ -1,19 +1,23 @@
 """A random-weight checkpoint of the InternLM2 architecture, with no hub code: config.json, weights in
 safetensors shards, and a tokenizer copied from TOKDIR.
 
-Usage: python scripts/make_random_internlm2.py OUTDIR TOKDIR [--size small|7b] [--vocab N]
-                                               [--no-rope-parameters]
+Usage: python scripts/make_random_internlm2.py OUTDIR TOKDIR [--size tiny|small|7b] [--vocab N]
+                                               [--no-rope-parameters] [--modeling]
 
 Written from the architecture as InternLM2-chat-7B publishes it (config.json and weight names):
 - 7b: hidden 4096, 32 layers, 32 query heads and 8 KV heads (GQA), MLP 14336, vocab 92544,
-  RoPE theta 1e6; small: hidden 1024, 4 layers, 8 heads, 2 KV heads, MLP 2816.
+  RoPE theta 1e6; small: hidden 1024, 4 layers, 8 heads, 2 KV heads, MLP 2816; tiny (CPU tests):
+  hidden 64, 2 layers, 4 heads, 2 KV heads, MLP 160.
 - Attention packs query, key and value into one `attention.wqkv` matrix, grouped per KV head:
   for each KV head, its (heads / kv_heads) query heads, then its key, then its value. The MLP is
   `feed_forward.w1` (gate), `w3` (up) and `w2` (down); the embedding is `model.tok_embeddings`,
   the head `output`.
 --vocab sets the embedding rows (default: 92544 for 7b, the tokenizer's size for small); a
 tokenizer smaller than the vocabulary just never uses the upper rows. `--no-rope-parameters` leaves
-out transformers 5's `rope_parameters`, as the published config.json does.
+out transformers 5's `rope_parameters`, as the published config.json does. `--modeling` adds the
+project's own transformers implementation (scripts/internlm2_hf/, no hub code) with an `auto_map`,
+as published checkpoints add theirs: AWQ calibration and the transformers engine then load it with
+trust_remote_code.
 Random weights give real speed and memory, not real text.
 """
 
@@ -29,15 +33,21 @@ import torch
 from safetensors.torch import save_file
 
 SHAPES = {
+    "tiny": {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
     "small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
               "num_attention_heads": 8, "num_key_value_heads": 2},
     "7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "num_key_value_heads": 8},
 }
 SHARD_BYTES = 4 * 2**30
+MODELING = Path(__file__).resolve().parent / "internlm2_hf"
+AUTO_MAP = {"AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2Model",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
 
 
-def config(size: str, vocab: int, rope_parameters: bool) -> dict:
+def config(size: str, vocab: int, rope_parameters: bool, modeling: bool = False) -> dict:
     theta = 1_000_000
     cfg = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": vocab,
            **SHAPES[size], "hidden_act": "silu", "max_position_embeddings": 32768,
@@ -47,6 +57,8 @@ def config(size: str, vocab: int, rope_parameters: bool) -> dict:
            "use_cache": True}
     if rope_parameters:
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    if modeling:
+        cfg["auto_map"] = AUTO_MAP
     return cfg
 
 
@@ -101,11 +113,13 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SHAPES), default="small")
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--no-rope-parameters", action="store_true")
+    parser.add_argument("--modeling", action="store_true",
+                        help="add scripts/internlm2_hf/ (transformers code) and its auto_map")
     args = parser.parse_args()
     started = time.time()
     tok_vocab = len(json.loads((args.tokdir / "tokenizer.json").read_text())["model"]["vocab"])
     vocab = args.vocab or (92544 if args.size == "7b" else tok_vocab)
-    cfg = config(args.size, vocab, not args.no_rope_parameters)
+    cfg = config(args.size, vocab, not args.no_rope_parameters, args.modeling)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(cfg, indent=1))
     (args.out / "generation_config.json").write_text(json.dumps(
@@ -114,6 +128,9 @@ def main() -> None:
     total = save_sharded(args.out, tensors(cfg, device))
     for f in args.tokdir.iterdir():
         shutil.copy(f, args.out)
+    if args.modeling:
+        for f in ("configuration_internlm2.py", "modeling_internlm2.py"):
+            shutil.copy(MODELING / f, args.out / f)
     print(f"made {args.out}: InternLM2 {args.size}, {total / 1e6:.0f}M parameters, vocab {vocab}, "
           f"in {time.time() - started:.0f}s")
 
