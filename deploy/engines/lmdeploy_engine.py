@@ -29,7 +29,7 @@ from deploy.engines.base import (
 )
 from deploy.engines.chat_format import eos_ids, load_tokenizer
 from deploy.engines.config import EngineConfig
-from deploy.engines.native_log import tee_stderr, turbomind_cache_budget
+from deploy.engines.native_log import tee_stderr, turbomind_cache_budget, turbomind_warmups_too_long
 from deploy.engines.rope_compat import model_dir_for_lmdeploy
 from deploy.engines.sizing import kv_bytes_per_token
 from deploy.recipe.errors import RecipeError
@@ -185,6 +185,11 @@ class LMDeployEngine(Engine):
                     trust_remote_code=trust,
                 )
             self._tm_cache_bytes = turbomind_cache_budget(b"".join(native)) if turbomind else None
+            if turbomind and (refused := turbomind_warmups_too_long(b"".join(native))):
+                log.info("TurboMind's 'Warm-up ... failed with status 6' above is harmless: status 6 "
+                         "means too long, and the warm-up of %s tokens is longer than engine.session_len "
+                         "(%d). Those prefill sizes are tuned on first use instead.",
+                         ", ".join(map(str, refused)), config.session_len)
         except Exception as exc:
             if "not alive" not in str(exc):
                 raise

@@ -53,3 +53,14 @@ def turbomind_cache_budget(log: bytes) -> int | None:
     """TurboMind's KV cache budget in bytes, from its log; None if it did not say."""
     found = TM_CACHE_BUDGET.findall(log.decode(errors="replace"))
     return int(float(found[-1][0]) * 2**20) if found else None
+
+
+TM_WARMUP_TOO_LONG = re.compile(r"Warm-up for (\d+) tokens failed with status 6\b")
+
+
+def turbomind_warmups_too_long(log: bytes) -> list[int]:
+    """The warm-up lengths TurboMind refused as too long. Its warm-up sends one request per length
+    up to its forward budget (max_prefill_token_num + max_batch_size, 8256 by default); status 6 is
+    its Request::kTooLong (history + prompt > session_len), so every length past engine.session_len
+    fails. Only the GEMM tuning of those sizes is skipped: a prefill that long tunes on first use."""
+    return [int(n) for n in TM_WARMUP_TOO_LONG.findall(log.decode(errors="replace"))]
