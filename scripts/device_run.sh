@@ -12,6 +12,7 @@
 #   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
 #   bash scripts/device_run.sh flagship [RECIPES] [BACKENDS]  # scripts/gpu_flagship.py: the InternLM2
 #                                                    # recipes built, gated and served on InternLM2-7B shapes
+#   bash scripts/device_run.sh logits               # scripts/gpu_logits.py and gpu_internlm2_logits.py (PyTorch engine)
 #   bash scripts/device_run.sh coldstart BACKEND     # scripts/cold_start.py, 3 runs, InternLM2-7B shapes
 #   bash scripts/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
 #   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
@@ -93,7 +94,7 @@ case "${1:-setup}" in
              cp "/tmp/internlm2-$backend"/internlm2.json "/tmp/internlm2-$backend"/*.log "$OUT/$backend"/ 2>/dev/null || true
              exit $status ;;
   flagship) status=0
-            python3 scripts/gpu_flagship.py --model "$(internlm2_code)" --out /tmp/flagship \
+            timeout "${LIMIT:-540}" python3 scripts/gpu_flagship.py --model "$(internlm2_code)" --out /tmp/flagship \
               --recipes "${2:-w4a16-kv8,w4a16,kv8}" --backends "${3:-auto,lmdeploy-pytorch}" || status=$?
             # One archive: a call brings back only a few files. Logs are cut to their last 8 kB.
             rm -rf /tmp/flagship-pack && mkdir -p /tmp/flagship-pack
@@ -101,6 +102,12 @@ case "${1:-setup}" in
             for f in /tmp/flagship/*.log; do tail -c 8000 "$f" > "/tmp/flagship-pack/${f##*/}"; done
             tar czf "$OUT/flagship.tgz" -C /tmp/flagship-pack .
             exit $status ;;
+  logits) status=0  # [MODEL for gpu_logits.py, default the small InternLM2 the first script makes]
+          python3 scripts/gpu_internlm2_logits.py --tok .device/tok32k --models "$MODELS" \
+            --out "$OUT/internlm2-logits.json" --variants "${VARIANTS:-gqa,mha,theta1e4}" || status=$?
+          python3 scripts/gpu_logits.py --model "${2:-$MODELS/internlm2-small-gqa}" --kv int8 \
+            --out "$OUT/logits-answers.json" || status=$?
+          exit $status ;;
   coldstart) backend=${2:-lmdeploy-turbomind}
              weights=$MODELS/internlm2-7b
              [ -f "$weights/config.json" ] || python3 scripts/make_random_internlm2.py "$weights" .device/tok32k --size 7b

@@ -161,3 +161,26 @@ def test_turbomind_takes_an_absolute_kv_budget(gpu_recipe):
         answer = assistant.chat("Hello", max_tokens=8)
     assert answer
     assert 0.97 * 2 * 2**30 <= memory.kv_cache_bytes <= 1.1 * 2 * 2**30, memory
+
+
+def test_the_gate_gets_whole_answers_from_the_pytorch_engine(gpu_recipe):
+    """LMDeploy 0.18's PyTorch engine cut its answers to 2 tokens after a logits request
+    (scripts/gpu_logits.py: 32, 2, 2, 2 when alternated). The gate's reference pass asks every
+    answer before any logits, so its answers are the ones the engine gives alone."""
+    from deploy.build.gate import reference_rows
+    from deploy.engines import GenerationParams
+    from deploy.recipe.tasks import load_tasks
+    from deploy.serve.assistant import Assistant
+
+    tasks = load_tasks(None, 4)
+    with Assistant.from_recipe(gpu_recipe) as assistant:
+        engine = assistant.engine
+
+        async def scenario():
+            alone = [await engine.chat(t.messages(), GenerationParams(max_tokens=16)) for t in tasks]
+            rows = await reference_rows(engine, engine.tokenizer, tasks, answer_tokens=16)
+            return alone, rows
+
+        alone, rows = asyncio.run(scenario())  # one loop: LMDeploy binds to the first it sees
+    assert [r.answer for r in rows] == [a.text for a in alone]
+    assert sum(a.completion_tokens for a in alone) > 2 * len(tasks)  # not all cut short

@@ -66,15 +66,17 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
     engine = assistant.engine
     params = GenerationParams(max_tokens=tokens)
     answers, scores, rows = [], [], []
+    # Every answer before any logits: on LMDeploy's PyTorch engine, answers asked for after a
+    # logits request came back with 2 tokens (docs/data/gpu-2026-11-26-logits/).
     for task in tasks:
-        messages = assistant.messages(task.messages())
         answer = await assistant.achat(task.messages(), params)
         answers.append(answer.text)
         if task.reference:
             scores.append(score(answer.text, task.reference))
-        if reference is None:  # this is the reference: record its sequence and distributions
-            prompt = encode_chat(engine.tokenizer, messages)
-            ids = prompt + (engine.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
+    if reference is None:  # this is the reference: record its sequences and distributions
+        for task, text in zip(tasks, answers, strict=True):
+            prompt = encode_chat(engine.tokenizer, assistant.messages(task.messages()))
+            ids = prompt + (engine.tokenizer(text, add_special_tokens=False)["input_ids"]
                             or [engine.tokenizer.eos_token_id])
             logits = (await engine.prompt_logits([ids]))[0]
             rows.append({"ids": ids, "start": len(prompt) - 1,

@@ -56,19 +56,22 @@ async def reference_rows(reference: Engine, tokenizer, tasks: list[Task], answer
 
     rows = []
     params = GenerationParams(max_tokens=answer_tokens)
-    for task in tasks:
-        messages = task.messages()
-        ref = await reference.chat(messages, params)
-        prompt = encode_chat(tokenizer, messages)
-        answer = tokenizer(ref.text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    # Every answer before any logits: on LMDeploy's PyTorch engine, answers asked for after a
+    # logits request came back with 2 tokens (docs/data/gpu-2026-11-26-logits/).
+    texts = []
+    for task in tasks:  # the answers are the slow part: the progress bar follows them
+        texts.append((await reference.chat(task.messages(), params)).text)
+        if progress:
+            progress()
+    for task, text in zip(tasks, texts, strict=True):
+        prompt = encode_chat(tokenizer, task.messages())
+        answer = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         ids = prompt + answer
         logits = (await reference.prompt_logits([ids]))[0]
         # Rows prompt-1 .. end-1 predict the answer tokens.
         start = len(prompt) - 1
-        rows.append(ReferenceRow(task.prompt, ref.text, ids, start,
+        rows.append(ReferenceRow(task.prompt, text, ids, start,
                                  torch.log_softmax(logits[start:len(ids) - 1].float(), dim=-1).cpu()))
-        if progress:
-            progress()
     return rows
 
 
@@ -81,13 +84,15 @@ async def compare_with(candidate: Engine, rows: list[ReferenceRow], tasks: list[
     kl_sum = 0.0
     answers = []
     params = GenerationParams(max_tokens=answer_tokens)
-    for row, task in zip(rows, tasks, strict=True):
-        cand = await candidate.chat(task.messages(), params)
+    texts = []
+    for task in tasks:  # every answer before any logits, as above
+        texts.append((await candidate.chat(task.messages(), params)).text)
+        if progress:
+            progress()
+    for row, text in zip(rows, texts, strict=True):
         logits = (await candidate.prompt_logits([row.ids]))[0]
         q = torch.log_softmax(logits[row.start:len(row.ids) - 1].float(), dim=-1)
         matched, kl, count = agreement(row.logprobs, q)
         agree, kl_sum, positions = agree + matched, kl_sum + kl, positions + count
-        answers.append({"prompt": row.prompt, "original": row.answer, "quantized": cand.text})
-        if progress:
-            progress()
+        answers.append({"prompt": row.prompt, "original": row.answer, "quantized": text})
     return Comparison(len(rows), positions, agree / positions, kl_sum / positions, answers)
