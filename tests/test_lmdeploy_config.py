@@ -8,7 +8,7 @@ import pytest
 
 from deploy.engines import engine_config, load_engine
 from deploy.engines.lmdeploy_engine import engine_config_kwargs as config_kwargs
-from deploy.engines.lmdeploy_engine import kv_blocks_for, tp_executor
+from deploy.engines.lmdeploy_engine import kv_blocks_for, token_logprobs, tp_executor
 from deploy.engines.sizing import kv_bytes_per_token
 from deploy.recipe import RecipeError, parse_recipe
 
@@ -42,6 +42,7 @@ def test_pytorch_engine_config_from_recipe():
     kw = engine_config_kwargs(r, "lmdeploy-pytorch", INTERNLM2)
     assert kw == {"dtype": "float16", "session_len": 8192, "max_batch_size": 32, "tp": 2,
                   "quant_policy": 8, "block_size": 64, "enable_mp_engine": True,
+                  "logprobs_mode": "raw_logprobs",
                   "distributed_executor_backend": tp_executor(),
                   "cache_max_entry_count": 0.3}
     assert "distributed_executor_backend" not in engine_config_kwargs(recipe(), "lmdeploy-pytorch",
@@ -141,3 +142,20 @@ def test_memory_report_with_tp_gives_kv_bytes_per_gpu(tmp_path):
     assert memory.kv_cache_bytes == 58_496 * 512 * 1024 // 2  # 15.3 GB on each of the two GPUs
     assert memory.sessions_that_fit == 14
     assert any("per GPU" in note for note in memory.notes)
+
+
+def test_pytorch_engine_returns_raw_log_probabilities():
+    r = recipe(model={"source": "local", "path": "."}, engine={"backend": "lmdeploy-pytorch"})
+    assert engine_config_kwargs(r, "lmdeploy-pytorch", LLAMA2)["logprobs_mode"] == "raw_logprobs"
+    assert "logprobs_mode" not in engine_config_kwargs(r, "lmdeploy-turbomind", LLAMA2)
+
+
+def test_lmdeploy_log_probabilities_in_the_engine_interface():
+    # As LMDeploy 0.18 streams them: a piece's token ids (here one held back from the previous
+    # piece, 7) and a dict per new token of its likeliest ids plus the chosen one.
+    scored = token_logprobs([7, 11, 12], [{11: -0.1, 5: -2.5, 3: -3.0}, {4: -0.2, 12: -1.9}], top=2)
+    assert [(s.token, s.logprob) for s in scored] == [(11, -0.1), (12, -1.9)]
+    assert scored[0].top == ((11, -0.1), (5, -2.5)) and scored[1].top == ((4, -0.2), (12, -1.9))
+    assert token_logprobs([3], None, top=1) == []
+    with pytest.raises(RuntimeError, match="no log probability for generated token 9"):
+        token_logprobs([9], [{1: -0.5}], top=1)

@@ -184,3 +184,38 @@ def test_the_gate_gets_whole_answers_from_the_pytorch_engine(gpu_recipe):
         alone, rows = asyncio.run(scenario())  # one loop: LMDeploy binds to the first it sees
     assert [r.answer for r in rows] == [a.text for a in alone]
     assert sum(a.completion_tokens for a in alone) > 2 * len(tasks)  # not all cut short
+
+
+@pytest.mark.parametrize("backend", ["lmdeploy-pytorch", "lmdeploy-turbomind"])
+def test_lmdeploy_log_probabilities_over_http(gpu_recipe, backend):
+    """logprobs and top_logprobs through the openai client: one entry per generated token, the
+    greedy choice is the likeliest, and the alternatives come in order."""
+    import openai
+
+    from deploy.serve.assistant import Assistant
+    from deploy.serve.server import ServerThread, create_app
+
+    if backend == "lmdeploy-turbomind":
+        from lmdeploy import turbomind
+
+        if not turbomind.is_available():
+            pytest.skip("TurboMind's libraries are not installed (scripts/device_run.sh tm-assemble)")
+    recipe = gpu_recipe.model_copy(deep=True)
+    recipe.engine.backend = backend
+    with Assistant.from_recipe(recipe) as assistant, \
+            ServerThread(create_app(recipe, assistant, ui=False)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model=recipe.name, messages=[{"role": "user", "content": "Count to five."}],
+            max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+        streamed = [c.choices[0].logprobs for c in client.chat.completions.create(
+            model=recipe.name, messages=[{"role": "user", "content": "Count to five."}],
+            max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True)
+            if c.choices and c.choices[0].logprobs]
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens > 0
+    for item in content:
+        tops = [t.logprob for t in item.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(lp <= 0 for lp in tops)
+        assert item.logprob == pytest.approx(tops[0], abs=1e-3)  # greedy: the likeliest
+    assert [i.token for s in streamed for i in s.content] == [i.token for i in content]

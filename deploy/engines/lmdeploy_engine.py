@@ -26,6 +26,7 @@ from deploy.engines.base import (
     GenerationParams,
     PromptTooLongError,
     StopMatcher,
+    TokenLogprob,
 )
 from deploy.engines.chat_format import eos_ids, load_tokenizer
 from deploy.engines.config import EngineConfig
@@ -67,6 +68,9 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         # The PyTorch engine reads AWQ from the checkpoint's quantization_config; its model_format
         # only accepts 'fp8', so it stays unset here.
         kwargs["block_size"] = BLOCK_TOKENS
+        # Log probabilities as the model gives them, before penalties and temperature (the
+        # engine computes none unless a request asks; without a mode it returns none at all).
+        kwargs["logprobs_mode"] = "raw_logprobs"
         # Run the engine in its own process, as `lmdeploy serve api_server` does: in the server's
         # process its scheduling loop competes with 64 streams for one event loop (measured on
         # the H100: 35% less output at concurrency 64, docs/benchmarks.md).
@@ -86,6 +90,27 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         # A share of the memory still FREE after the weights load, not of the whole card.
         kwargs["cache_max_entry_count"] = engine.cache_max_entry_count or DEFAULT_CACHE_RATIO
     return kwargs
+
+
+def token_logprobs(token_ids: list[int] | None, logprobs: list[dict] | None,
+                   top: int) -> list[TokenLogprob]:
+    """LMDeploy's log probabilities of one streamed piece (a dict per new token: token id to log
+    probability, its n likeliest plus the chosen one) as TokenLogprobs with the `top` likeliest.
+    The dicts belong to the piece's newest tokens: its token ids may start with ones held back
+    from the previous piece's text."""
+    if not logprobs:
+        return []
+    tokens = list(token_ids or [])[-len(logprobs):]
+    if len(tokens) != len(logprobs):
+        raise RuntimeError(f"LMDeploy returned {len(logprobs)} log probabilities for {len(tokens)} tokens.")
+    scored = []
+    for token, dist in zip(tokens, logprobs, strict=True):
+        if token not in dist:
+            raise RuntimeError(f"LMDeploy returned no log probability for generated token {token}.")
+        ranked = sorted(dist.items(), key=lambda item: item[1], reverse=True)
+        scored.append(TokenLogprob(int(token), float(dist[token]),
+                                   tuple((int(t), float(lp)) for t, lp in ranked[:top])))
+    return scored
 
 
 def turbomind_ratio(needed: float, free_after_weights: int | None, gib: float) -> float:
@@ -147,7 +172,7 @@ class LMDeployEngine(Engine):
     # engine gave the same greedy answer with repetition_penalty 1.5 as without on the H100
     # (docs/data/h100-2026-11-26-transformers/gputest-repetition-penalty.log), so the server
     # refuses it rather than claim it.
-    supports = frozenset({"response_format"})
+    supports = frozenset({"response_format", "logprobs"})
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         backend = config.backend
@@ -222,6 +247,8 @@ class LMDeployEngine(Engine):
             stop_token_ids=self.stop_ids,
             skip_special_tokens=True,
             response_format=params.response_format,
+            # LMDeploy returns each token's n likeliest plus the chosen one; n 0 would mean none.
+            logprobs=max(params.logprobs, 1) if params.logprobs is not None else None,
         )
         request = await self._engine.preprocess(
             None, self._engine.session_mgr.get(), gen_config=config, input_ids=prompt,
@@ -236,14 +263,17 @@ class LMDeployEngine(Engine):
                 if out.finish_reason == "error":
                     raise RuntimeError("LMDeploy reported an error while generating.")
                 text = stops.feed(out.response.rstrip("\ufffd") if out.finish_reason else out.response)
-                if text:
-                    yield Delta(text)
+                scores = None if params.logprobs is None else token_logprobs(
+                    out.token_ids, out.logprobs, params.logprobs)
+                if text or scores:
+                    yield Delta(text, logprobs=scores)
                 if stops.stopped:
                     break
             finish = "stop" if stops.stopped or last is None or last.finish_reason != "length" \
                 else "length"
             generated = last.generate_token_len if last is not None else 0
-            yield Delta(stops.flush(), finish, len(prompt), generated)
+            yield Delta(stops.flush(), finish, len(prompt), generated,
+                        [] if params.logprobs is not None else None)
         finally:
             await outputs.aclose()  # cancels the request inside LMDeploy if still running
 
