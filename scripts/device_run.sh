@@ -45,8 +45,11 @@ internlm2_code() {  # InternLM2-7B shapes carrying the project's transformers co
 }
 case "${1:-setup}" in
   setup) nvidia-smi -L; model tiny; model 7b ;;
-  gputest) XLAB_GPU_TEST_MODEL=$(model tiny) python3 -m pytest -q -p no:cacheprovider \
-             tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py ;;
+  gputest) small=$MODELS/internlm2-small-gqa  # also made by gpu_internlm2_logits.py
+           [ -f "$small/config.json" ] || python3 scripts/make_random_internlm2.py "$small" .device/tok32k \
+             --size small --modeling >/dev/null
+           XLAB_GPU_TEST_MODEL=$(model tiny) XLAB_GPU_TEST_INTERNLM2=$small python3 -m pytest -q \
+             -p no:cacheprovider tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py ;;
   gate) model tiny >/dev/null
         # GPU memory every 200 ms while the build runs: the gate's peak, one engine at a time.
         nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 \

@@ -55,7 +55,8 @@ def test_neutral_values_of_optional_fields_are_accepted(client, recipe):
 
 @pytest.mark.parametrize("extra, field", [
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+      "tool_choice": "required"}, "tool_choice"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
 ])
 def test_fields_the_engine_lacks_are_refused_by_name(client, recipe, extra, field):

@@ -219,3 +219,43 @@ def test_lmdeploy_log_probabilities_over_http(gpu_recipe, backend):
         assert len(tops) == 3 and tops == sorted(tops, reverse=True) and all(lp <= 0 for lp in tops)
         assert item.logprob == pytest.approx(tops[0], abs=1e-3)  # greedy: the likeliest
     assert [i.token for s in streamed for i in s.content] == [i.token for i in content]
+
+
+def test_a_named_tool_choice_forces_a_call_through_guided_decoding():
+    """tool_choice naming a function: LMDeploy's guided decoding admits only that call, with
+    arguments that follow its schema, so even random weights write it (or the start of it, if
+    they run out of tokens inside the JSON). Needs XLAB_GPU_TEST_INTERNLM2: a checkpoint from
+    scripts/make_random_internlm2.py (InternLM2's tool format)."""
+    import json
+
+    import openai
+
+    reason = _gpu_ready()
+    if reason or not os.environ.get("XLAB_GPU_TEST_INTERNLM2"):
+        pytest.skip(reason or "set XLAB_GPU_TEST_INTERNLM2 to an InternLM2 checkpoint")
+    from deploy.recipe import parse_recipe
+    from deploy.serve.assistant import Assistant
+    from deploy.serve.server import ServerThread, create_app
+
+    recipe = parse_recipe({
+        "name": "gpu-tools", "model": {"source": "local", "path": os.environ["XLAB_GPU_TEST_INTERNLM2"],
+                                       "trust_remote_code": True},
+        "engine": {"backend": "lmdeploy-pytorch", "session_len": 2048, "max_batch_size": 8,
+                   "cache_max_entry_count": 0.1}})
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+    with Assistant.from_recipe(recipe) as assistant, \
+            ServerThread(create_app(recipe, assistant, ui=False)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model=recipe.name, messages=[{"role": "user", "content": "Weather in Paris?"}],
+            max_tokens=200, temperature=0, tools=[weather],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = answer.choices[0]
+    if choice.finish_reason == "tool_calls":
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    else:  # out of tokens inside the call: what was written is its forced beginning
+        assert choice.message.content.startswith('<|action_start|><|plugin|>{"name": "get_weather"')

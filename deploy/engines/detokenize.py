@@ -11,11 +11,11 @@ from __future__ import annotations
 from tokenizers.decoders import DecodeStream
 
 
-def incremental_decoder(tokenizer) -> IncrementalDecoder:
+def incremental_decoder(tokenizer, skip_special_tokens: bool = True) -> IncrementalDecoder:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return StreamDecoder(backend)
-    return OffsetDecoder(tokenizer)
+        return StreamDecoder(backend, skip_special_tokens)
+    return OffsetDecoder(tokenizer, skip_special_tokens)
 
 
 class IncrementalDecoder:
@@ -29,9 +29,9 @@ class IncrementalDecoder:
 
 
 class StreamDecoder(IncrementalDecoder):
-    def __init__(self, backend):
+    def __init__(self, backend, skip_special_tokens: bool = True):
         self.backend = backend
-        self.stream = DecodeStream(skip_special_tokens=True)
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, ids: list[int]) -> str:
         pieces = (self.stream.step(self.backend, i) for i in ids)
@@ -42,13 +42,13 @@ class OffsetDecoder(IncrementalDecoder):
     """Decodes ids[prefix:] against ids[prefix:read] (as TGI and vLLM do): a few tokens of context
     keep word-initial spaces right, and the window moves on once a piece is complete."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
     def add(self, ids: list[int]) -> str:
         self.ids.extend(ids)

@@ -172,7 +172,9 @@ class LMDeployEngine(Engine):
     # engine gave the same greedy answer with repetition_penalty 1.5 as without on the H100
     # (docs/data/h100-2026-11-26-transformers/gputest-repetition-penalty.log), so the server
     # refuses it rather than claim it.
-    supports = frozenset({"response_format", "logprobs"})
+    # tools: the server renders them and reads the calls (serve/tools.py); a named or required
+    # choice is forced through the same guided decoding.
+    supports = frozenset({"response_format", "logprobs", "tools", "tool_choice"})
 
     def __init__(self, model_dir: Path, config: EngineConfig):
         backend = config.backend
@@ -245,7 +247,8 @@ class LMDeployEngine(Engine):
             top_p=params.top_p,
             random_seed=params.seed,
             stop_token_ids=self.stop_ids,
-            skip_special_tokens=True,
+            skip_special_tokens=not params.keep_special_tokens,
+            spaces_between_special_tokens=not params.keep_special_tokens,
             response_format=params.response_format,
             # LMDeploy returns each token's n likeliest plus the chosen one; n 0 would mean none.
             logprobs=max(params.logprobs, 1) if params.logprobs is not None else None,

@@ -39,7 +39,10 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 class TransformersEngine(Engine):
     name = "transformers"
-    supports = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs"})
+    # tools: rendered and read back by the server (serve/tools.py); a required or named
+    # tool_choice needs guided decoding, which this engine lacks.
+    supports = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
+                          "tools"})
 
     def __init__(
         self,
@@ -100,7 +103,7 @@ class TransformersEngine(Engine):
                           frequency_penalty=params.frequency_penalty,
                           repetition_penalty=params.repetition_penalty, logprobs=params.logprobs)
         self._batcher.submit(request)
-        decoder = incremental_decoder(self.tokenizer)
+        decoder = incremental_decoder(self.tokenizer, not params.keep_special_tokens)
         stops = StopMatcher(params.stop)
         generated = 0
         hit_eos = False
@@ -127,7 +130,9 @@ class TransformersEngine(Engine):
                     item = queue.get_nowait()
                 generated += len(tokens)
                 hit_eos = hit_eos or any(t in self._batcher.eos for t in tokens)
-                text = stops.feed(decoder.add(tokens))
+                # Special tokens kept (tool marks) must not include the end-of-answer token.
+                text = stops.feed(decoder.add([t for t in tokens if t not in self._batcher.eos]
+                                              if params.keep_special_tokens else tokens))
                 if text or scores:
                     yield Delta(text, logprobs=scores)
                 if stops.stopped:

@@ -33,20 +33,31 @@ def _utf8(text: str) -> str:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`, which changes nothing here
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only where an assistant message carries tool_calls instead, as OpenAI allows.
+    content: str | list[_TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
 
     @field_validator("content")
     @classmethod
     def _valid_text(cls, value):
+        if value is None:
+            return value
         for text in [value] if isinstance(value, str) else [p.text for p in value]:
             _utf8(text)
         return value
 
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return self
+
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(
-            p.text for p in self.content
-        )
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -153,16 +164,24 @@ class ChatCompletionRequest(_GenerationRequest):
         wanted = {
             "response_format": bool(self.response_format)
             and self.response_format.get("type") != "text",
-            "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
+            # tools with tool_choice "none" put nothing in play: any engine serves that.
+            "tools": self.tool_choice != "none" and (bool(self.tools) or self.tool_choice is not None),
+            # A required or named choice forces a call: guided decoding.
+            "tool_choice": self.tool_choice == "required" or isinstance(self.tool_choice, dict),
         }
         return super().features() + [name for name, asked in wanted.items() if asked]
 
-    def plain_messages(self) -> list[dict[str, str]]:
+    def plain_messages(self) -> list[dict]:
         # "developer" is the newer OpenAI name for the system role; chat templates know "system".
         return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+             **({"tool_calls": m.tool_calls} if m.tool_calls else {})}
             for m in self.messages
         ]
+
+    def has_tool_history(self) -> bool:
+        """Earlier calls or tool results in the conversation, which only a tool format renders."""
+        return any(m.role == "tool" or m.tool_calls for m in self.messages)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -229,7 +248,11 @@ class ChatFormat:
                 "model": self.model, "choices": [self._choice(answer)], "usage": usage(answer)}
 
     def _choice(self, answer: Delta) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": answer.text},
+        message = {"role": "assistant", "content": answer.text}
+        calls = getattr(answer, "tool_calls", None)  # serve/tools.py's ToolDelta
+        if calls:
+            message = {"role": "assistant", "content": answer.text or None, "tool_calls": calls}
+        return {"index": 0, "message": message,
                 "logprobs": self.logprobs(answer.logprobs), "finish_reason": answer.finish_reason}
 
     def logprobs(self, scores: list[TokenLogprob] | None) -> dict | None:
@@ -280,6 +303,10 @@ class ChatFormat:
 
     def piece(self, delta: Delta) -> str:
         return self.chunk(self._text_delta(delta.text), logprobs=self.logprobs(delta.logprobs))
+
+    def tool_calls(self, calls: list[dict]) -> str:
+        """The calls of a whole answer as one delta, each with its index, as OpenAI streams them."""
+        return self.chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
 
     def end(self, last: Delta, include_usage: bool) -> list[str]:
         events = [self.chunk({}, last.finish_reason)]

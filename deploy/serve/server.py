@@ -25,6 +25,7 @@ from deploy.capacity.memory import memory_report
 from deploy.engines import Delta, PromptTooLongError
 from deploy.engines.base import joined
 from deploy.recipe import Recipe, RecipeError
+from deploy.serve import tools
 from deploy.serve.assistant import Assistant
 from deploy.serve.guards import BodyLimit, KeyGuard
 from deploy.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -171,8 +172,11 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
         pending -= 1
 
     async def generate(body: ChatCompletionRequest | CompletionRequest, request: Request,
-                       prompt_of, fmt: type[ChatFormat], echo: str = ""):
-        """Admit, check, tokenize and answer one request of either API, streamed or whole."""
+                       prompt_of, fmt: type[ChatFormat], echo: str = "",
+                       tool_plan: tools.ToolPlan | None = None, uses_tools: bool = False):
+        """Admit, check, tokenize and answer one request of either API, streamed or whole.
+        `uses_tools`: the prompt holds tools or earlier calls, rendered in the model's tool
+        format; `tool_plan`: the answer may call them (serve/tools.py)."""
         nonlocal pending
         received = time.perf_counter()
         current = state.ready()
@@ -193,6 +197,8 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
                                f"{current.engine.name} engine; remove it, or serve with an engine "
                                "that has it (README: which engine serves which field).",
                                param=missing[0], code="unsupported_parameter")
+            if uses_tools:
+                check_tools(current, body, tool_plan)
             texts, encode, param = prompt_of(current)
             if current.cannot_fit(texts):
                 raise ApiError(400, f"The {param} is too long for engine.session_len "
@@ -208,10 +214,13 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
                 stop=body.stops(), seed=body.seed, presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, logprobs=body.logprob_count(),
-                response_format=body.guided_format(),
+                response_format=(tools.guided(tool_plan) if tool_plan else None) or body.guided_format(),
+                keep_special_tokens=uses_tools or None,
             )
             form = fmt(recipe.name, current.token_text, echo)
             stream = _observed(current.engine.stream_tokens(prompt, params), received, metrics)
+            if tool_plan is not None:
+                stream = tools.with_calls(stream)
             if not body.stream:
                 answer = await _unless_client_leaves(request, joined(stream))
                 if answer is None:  # the client left: generation was cancelled with it
@@ -242,11 +251,20 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        try:
+            tool_plan = tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+        except tools.ToolError as exc:
+            raise ApiError(400, f"{exc}.", param=exc.param, code="invalid_value") from None
+        uses_tools = tool_plan is not None or body.has_tool_history()
+
         def prompt_of(current: Assistant):
             messages = current.messages(body.plain_messages())
+            if uses_tools:
+                messages = tools.render(messages, tool_plan)
             return [m["content"] for m in messages], lambda: current.engine.encode(messages), "messages"
 
-        return await generate(body, request, prompt_of, ChatFormat)
+        return await generate(body, request, prompt_of, ChatFormat, tool_plan=tool_plan,
+                              uses_tools=uses_tools)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -271,6 +289,22 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
                           f"${recipe.serve.api_key_env}) as the password." if auth else None)
         _without_gradio_cors(app)
     return app
+
+
+def check_tools(current: Assistant, body: ChatCompletionRequest, tool_plan) -> None:
+    """400 where this model's tool format is unknown, or where a forced call would clash with the
+    request's own response_format (the engine applies one guided-decoding constraint)."""
+    model_type = current.engine.model_config.get("model_type")
+    if tools.dialect_for(model_type) is None:
+        param = "tools" if tool_plan is not None else "messages"
+        raise ApiError(400, f"Tool calls need a model whose tool-call format the kit knows "
+                       f"({', '.join(tools.DIALECTS)}); this model is {model_type!r}. Remove "
+                       f"{param} with tools, or serve an InternLM2 model.", param=param,
+                       code="unsupported_parameter")
+    if tool_plan is not None and tool_plan.choice != "auto" and body.guided_format():
+        raise ApiError(400, "response_format cannot be combined with a required or named "
+                       "tool_choice: both constrain the answer. Drop one.",
+                       param="response_format", code="unsupported_parameter")
 
 
 class _Slot:
@@ -391,6 +425,8 @@ async def _sse(stream: AsyncIterator[Delta], form: ChatFormat,
                 yield form.piece(delta)
             elif delta.text:
                 yield content(delta.text)
+            if getattr(delta, "tool_calls", None):  # serve/tools.py's ToolDelta
+                yield form.tool_calls(delta.tool_calls)
             if delta.finish_reason:
                 for event in form.end(delta, include_usage):
                     yield event

@@ -1,0 +1,185 @@
+"""Tool calling (deploy/serve/tools.py): InternLM2's tool format rendered into the prompt and read
+back out of the answer, and the server's handling of `tools` and `tool_choice`.
+
+On this CPU the model is a random-weight InternLM2 (scripts/make_random_internlm2.py, tiny
+shapes, the project's own transformers code) on the transformers engine, through the kit's real
+server and the official openai client. Random weights never write a call, so what the model sees
+is checked through the prompt's token count, and reading calls is checked on the text InternLM2
+writes. Forced calls (tool_choice "required" or named) need guided decoding: LMDeploy on a GPU
+(tests/test_lmdeploy_gpu.py); here they are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from deploy.build.sources import bundled_model_dir
+from deploy.serve import tools
+from deploy.serve.server import ServerThread, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+def test_a_plan_checks_tools_and_choice():
+    assert tools.plan(None, None, None) is None
+    assert tools.plan([WEATHER], "none", None) is None
+    auto = tools.plan([WEATHER, TIME], None, None)
+    assert auto.choice == "auto" and [f["name"] for f in auto.allowed()] == ["get_weather", "get_time"]
+    named = tools.plan([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}, False)
+    assert [f["name"] for f in named.allowed()] == ["get_time"] and not named.parallel
+    for tool_list, choice, param in [([WEATHER], "always", "tool_choice"), (None, "required", "tools"),
+                                     ([WEATHER], {"type": "function", "function": {"name": "x"}},
+                                      "tool_choice"),
+                                     ([{"type": "function", "function": {}}], "auto", "tools")]:
+        with pytest.raises(tools.ToolError) as raised:
+            tools.plan(tool_list, choice, None)
+        assert raised.value.param == param
+
+
+def test_the_functions_go_in_a_plugin_message_after_the_system_prompt():
+    plan = tools.plan([WEATHER], "auto", None)
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
+    ]
+    rendered = tools.render(history, plan)
+    assert [m["role"] for m in rendered] == ["system", "system name=<|plugin|>", "user", "assistant",
+                                            "environment name=<|plugin|>"]
+    assert json.loads(rendered[1]["content"])[0]["name"] == "get_weather"
+    assert rendered[3]["content"] == ('<|action_start|><|plugin|>\n{"name": "get_weather", '
+                                      '"parameters": {"city": "Paris"}}<|action_end|>')
+    assert tools.render([{"role": "user", "content": "hi"}], None) == [{"role": "user", "content": "hi"}]
+
+
+def test_calls_are_read_out_of_what_internlm2_writes():
+    text = ('Let me check.<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": '
+            '{"city": "Paris"}}<|action_end|>')
+    content, calls = tools.parse(text)
+    assert content == "Let me check."
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("function", "get_weather", {"city": "Paris"})]
+    assert calls[0]["id"].startswith("call_")
+    two = tools.parse('<|action_start|><|plugin|>{"name": "a", "parameters": {}}<|action_end|>\n'
+                      '<|action_start|><|plugin|>{"name": "b", "parameters": {"x": 1}}')  # cut short
+    assert [c["function"]["name"] for c in two[1]] == ["a", "b"] and two[0] == ""
+    broken = '<|action_start|><|plugin|>{"name": "a", "param'
+    assert tools.parse(broken) == (broken, [])  # what the model wrote, not a call
+    assert tools.parse("Just text.") == ("Just text.", [])
+
+
+def test_a_forced_call_is_a_structural_tag_of_the_allowed_functions():
+    assert tools.guided(tools.plan([WEATHER], "auto", None)) is None
+    tag = tools.guided(tools.plan([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}},
+                                  False))
+    calls = tag["format"]["elements"][0]
+    assert tag["type"] == "structural_tag" and calls["type"] == "tags_with_separator"
+    assert calls["at_least_one"] and calls["stop_after_first"]
+    [only] = calls["tags"]
+    assert only["begin"] == '<|action_start|><|plugin|>{"name": "get_weather", "parameters": '
+    assert only["content"] == {"type": "json_schema", "json_schema": WEATHER["function"]["parameters"]}
+    assert only["end"] == "}<|action_end|>"
+    # What the tag admits is what parse reads back.
+    written = only["begin"] + '{"city": "Oslo"}' + only["end"]
+    assert tools.parse(written)[1][0]["function"]["arguments"] == '{"city": "Oslo"}'
+
+
+@pytest.fixture(scope="module")
+def internlm2_server(tmp_path_factory):
+    from deploy.recipe import parse_recipe
+    from deploy.serve.assistant import Assistant
+
+    bundled = bundled_model_dir("SmolLM2-135M-Instruct")
+    tok = tmp_path_factory.mktemp("tok")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (bundled / name).is_file():
+            (tok / name).write_bytes((bundled / name).read_bytes())
+    model = tmp_path_factory.mktemp("internlm2") / "tiny"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_internlm2.py"), str(model), str(tok),
+                    "--size", "tiny", "--modeling"], check=True, capture_output=True)
+    recipe = parse_recipe({"name": "internlm2-tiny", "model": {"source": "local", "path": str(model),
+                                                               "trust_remote_code": True},
+                           "engine": {"backend": "transformers", "dtype": "float32", "session_len": 1024}})
+    with Assistant.from_recipe(recipe) as assistant, \
+            ServerThread(create_app(recipe, assistant, ui=False)) as live:
+        live.assistant, live.recipe = assistant, recipe
+        yield live
+
+
+def _client(live):
+    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_the_model_sees_the_tools_and_earlier_calls(internlm2_server):
+    live = internlm2_server
+    client, engine = _client(live), live.assistant.engine
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = client.chat.completions.create(model=live.recipe.name, messages=ask, max_tokens=4, temperature=0)
+    with_tools = client.chat.completions.create(model=live.recipe.name, messages=ask, max_tokens=4,
+                                                temperature=0, tools=[WEATHER])
+    expected = engine.count_tokens(tools.render(ask, tools.plan([WEATHER], "auto", None)))
+    assert with_tools.usage.prompt_tokens == expected > plain.usage.prompt_tokens
+    assert with_tools.choices[0].message.tool_calls is None  # random weights write no call
+    history = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    answer = client.chat.completions.create(model=live.recipe.name, messages=history, max_tokens=4,
+                                            temperature=0, tools=[WEATHER])
+    assert answer.usage.prompt_tokens == engine.count_tokens(
+        tools.render(history, tools.plan([WEATHER], "auto", None)))
+
+
+def test_a_streamed_tools_answer_equals_the_whole_one(internlm2_server):
+    live = internlm2_server
+    client = _client(live)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    whole = client.chat.completions.create(model=live.recipe.name, messages=ask, max_tokens=6,
+                                           temperature=0, tools=[WEATHER])
+    chunks = list(client.chat.completions.create(model=live.recipe.name, messages=ask, max_tokens=6,
+                                                 temperature=0, tools=[WEATHER], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_forced_calls_need_guided_decoding(internlm2_server):
+    live = internlm2_server
+    client = _client(live)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=live.recipe.name, max_tokens=4, tools=[WEATHER],
+                                       messages=[{"role": "user", "content": "hi"}], tool_choice="required")
+    assert raised.value.body["param"] == "tool_choice"
+    assert "transformers engine" in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=live.recipe.name, max_tokens=4, tools=[WEATHER],
+                                       messages=[{"role": "user", "content": "hi"}],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    body = raised.value.body
+    assert body["param"] == "tool_choice" and "not among the tools" in body["message"]
+
+
+def test_a_model_of_unknown_tool_format_refuses_tools(api_server, recipe):
+    client = openai.OpenAI(base_url=api_server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=recipe.name, max_tokens=4, tools=[WEATHER],
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.body["param"] == "tools" and "internlm2" in raised.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as raised:  # earlier calls need the format too
+        client.chat.completions.create(model=recipe.name, max_tokens=4, messages=[
+            {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "1"}])
+    assert raised.value.body["param"] == "messages"
