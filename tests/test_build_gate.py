@@ -183,3 +183,24 @@ def test_the_gate_holds_one_model_at_a_time(recipe_file, tmp_path):
     print(f"peak RSS: gate {gate_peak} KiB, original alone {original_peak} KiB, "
           f"4-bit files {candidate_kib} KiB")
     assert gate_peak <= original_peak + margin
+
+
+def test_kl_ignores_tokens_the_reference_rules_out():
+    """An engine that masks unused vocabulary rows gives them a log-probability of -inf; those add
+    nothing to KL(p || q). A token the candidate rules out where the reference does not is an
+    infinite divergence, and a NaN from the candidate stays a NaN: both are failures to see."""
+    import math
+
+    import torch
+
+    from deploy.build.gate import agreement
+
+    inf = float("inf")
+    p = torch.log_softmax(torch.tensor([[2.0, 1.0, -inf, -inf]]), -1)
+    q = torch.log_softmax(torch.tensor([[1.0, 2.0, 0.0, -inf]]), -1)
+    agree, kl, positions = agreement(p, q)
+    expected = float((p[0, :2].exp() * (p[0, :2] - q[0, :2])).sum())
+    assert (agree, positions) == (0, 1) and kl == pytest.approx(expected) and kl > 0
+    assert agreement(p, p)[1] == 0.0
+    assert agreement(q, p)[1] == inf  # q gives token 2 a chance p rules out
+    assert math.isnan(agreement(p, torch.full_like(q, float("nan")))[1])

@@ -31,10 +31,16 @@ class Comparison:
 def agreement(p, q) -> tuple[int, float, int]:
     """(positions where the argmax agrees, summed KL(p || q), positions) for two [len, vocab]
     log-probability tensors; a padded vocabulary is cut to the shorter of the two."""
+    import torch
+
     vocab = min(p.shape[-1], q.shape[-1])
     p, q = p[:, :vocab].float(), q[:, :vocab].float()
     agree = int((p.argmax(-1) == q.argmax(-1)).sum())
-    return agree, float((p.exp() * (p - q)).sum()), p.shape[0]
+    # Tokens the reference gives probability 0 (a log-probability of -inf: engines mask unused
+    # vocabulary rows) add nothing to KL(p || q); computed as 0 x (-inf - q) they would make it NaN.
+    prob = p.exp()
+    terms = torch.where(prob > 0, prob * (p - q), torch.zeros_like(prob))
+    return agree, float(terms.sum()), p.shape[0]
 
 
 @dataclass
