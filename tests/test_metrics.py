@@ -61,3 +61,21 @@ def test_metrics_can_be_switched_off(recipe, assistant):
     with LiveServer(create_app(quiet, assistant, ui=False)) as live:
         assert httpx.get(live.url + "/metrics").status_code == 404
         assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_server_exposes(api_server, recipe):
+    """docs/grafana/xlab-deploy.json: every series its queries name is in a real scrape."""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana"
+                            / "xlab-deploy.json").read_text())
+    client = openai.OpenAI(base_url=api_server.url + "/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=recipe.name, max_tokens=4,
+                                   messages=[{"role": "user", "content": "Hi"}])
+    exposed = {name for name, _ in scrape(api_server.url)}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for e in exprs for m in re.findall(r"\b(xlab_[a-z_]+)\b", e)}
+    assert len(named) >= 10
+    assert named <= exposed, named - exposed
