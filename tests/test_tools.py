@@ -183,3 +183,26 @@ def test_a_model_of_unknown_tool_format_refuses_tools(api_server, recipe):
         client.chat.completions.create(model=recipe.name, max_tokens=4, messages=[
             {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "1"}])
     assert raised.value.body["param"] == "messages"
+
+
+def test_without_parallel_calls_only_the_first_is_kept():
+    import asyncio
+
+    from deploy.engines import Delta
+
+    text = ('<|action_start|><|plugin|>{"name": "a", "parameters": {}}<|action_end|>'
+            '<|action_start|><|plugin|>{"name": "b", "parameters": {}}<|action_end|>')
+
+    async def answer(parallel):
+        async def stream():
+            yield Delta(text[:30])
+            yield Delta(text[30:], "stop", 5, 9)
+
+        return [d async for d in tools.with_calls(stream(), parallel)]
+
+    [both] = asyncio.run(answer(True))
+    [first] = asyncio.run(answer(False))
+    assert [c["function"]["name"] for c in both.tool_calls] == ["a", "b"]
+    assert [c["function"]["name"] for c in first.tool_calls] == ["a"]
+    assert (first.finish_reason, first.prompt_tokens, first.completion_tokens, first.text) == (
+        "tool_calls", 5, 9, "")

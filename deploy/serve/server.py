@@ -220,7 +220,7 @@ def create_app(recipe: Recipe, assistant: Assistant | None = None, *, ui: bool |
             form = fmt(recipe.name, current.token_text, echo)
             stream = _observed(current.engine.stream_tokens(prompt, params), received, metrics)
             if tool_plan is not None:
-                stream = tools.with_calls(stream)
+                stream = tools.with_calls(stream, tool_plan.parallel)
             if not body.stream:
                 answer = await _unless_client_leaves(request, joined(stream))
                 if answer is None:  # the client left: generation was cancelled with it

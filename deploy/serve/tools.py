@@ -165,9 +165,10 @@ class ToolDelta(Delta):
     tool_calls: list[dict] | None = None
 
 
-async def with_calls(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-    """The stream collected whole, then as one piece: the text outside the calls, the calls,
-    finish "tool_calls" where there are any, and the counts."""
+async def with_calls(stream: AsyncIterator[Delta], parallel: bool = True) -> AsyncIterator[Delta]:
+    """The stream collected whole, then as one piece: the text outside the calls, the calls (the
+    first only where `parallel` is off, as parallel_tool_calls: false asks), finish "tool_calls"
+    where there are any, and the counts."""
     pieces, last = [], Delta()
     try:
         async for delta in stream:
@@ -176,5 +177,6 @@ async def with_calls(stream: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
     finally:
         await stream.aclose()
     content, calls = parse("".join(pieces))
+    calls = calls if parallel else calls[:1]
     yield ToolDelta(content, "tool_calls" if calls else last.finish_reason, last.prompt_tokens,
                     last.completion_tokens, None, calls or None)
