@@ -9,7 +9,9 @@ engine agreeing with TurboMind on 1.9% of next tokens, while the transformers im
 agreed with TurboMind on 97.6%. Variants (random weights, `small` shapes, fp16 on the GPU):
 - `gqa`: as published (8 query heads share 2 KV heads; RoPE theta 1e6);
 - `mha`: 8 KV heads, so the packed `wqkv` groups hold one query head each;
-- `theta1e4`: GQA with RoPE theta 10,000 (Llama-2's).
+- `theta1e4`: GQA with RoPE theta 10,000 (Llama-2's);
+- `vocab92544`, `layers32`: InternLM2-7B's vocabulary, or its depth, on small shapes;
+- `7b`: InternLM2-7B's shapes whole.
 For each: top-1 agreement and mean KL(transformers || PyTorch engine) over every position of 4
 sequences of 64 random token ids, asked of the engine in one request and then one request per
 sequence (as the benchmark's quality pass asked). Writes FILE (JSON).
@@ -28,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {"gqa": [], "mha": ["--kv-heads", "8"], "theta1e4": ["--rope-theta", "10000"]}
+VARIANTS = {"gqa": [], "mha": ["--kv-heads", "8"], "theta1e4": ["--rope-theta", "10000"],
+            # What else differs at 7B, where the engine disagreed: the vocabulary, depth, all of it.
+            "vocab92544": ["--vocab", "92544"], "layers32": ["--layers", "32"], "7b": ["--size", "7b"]}
 
 
 def make(models: Path, tok: Path, name: str, extra: list[str]) -> Path:

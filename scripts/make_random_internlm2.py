@@ -3,7 +3,7 @@ safetensors shards, and a tokenizer copied from TOKDIR.
 
 Usage: python scripts/make_random_internlm2.py OUTDIR TOKDIR [--size tiny|small|7b] [--vocab N]
                                                [--no-rope-parameters] [--modeling]
-                                               [--kv-heads N] [--rope-theta X]
+                                               [--kv-heads N] [--rope-theta X] [--layers N]
 
 Written from the architecture as InternLM2-chat-7B publishes it (config.json and weight names):
 - 7b: hidden 4096, 32 layers, 32 query heads and 8 KV heads (GQA), MLP 14336, vocab 92544,
@@ -49,8 +49,9 @@ AUTO_MAP = {"AutoConfig": "configuration_internlm2.InternLM2Config",
 
 
 def config(size: str, vocab: int, rope_parameters: bool, modeling: bool = False,
-           kv_heads: int | None = None, theta: float = 1_000_000) -> dict:
-    shape = {**SHAPES[size], **({"num_key_value_heads": kv_heads} if kv_heads else {})}
+           kv_heads: int | None = None, theta: float = 1_000_000, layers: int | None = None) -> dict:
+    shape = {**SHAPES[size], **({"num_key_value_heads": kv_heads} if kv_heads else {}),
+             **({"num_hidden_layers": layers} if layers else {})}
     cfg = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": vocab,
            **shape, "hidden_act": "silu", "max_position_embeddings": 32768,
            "rms_norm_eps": 1e-5, "rope_theta": theta, "rope_scaling": None, "bias": False,
@@ -117,13 +118,15 @@ def main() -> None:
     parser.add_argument("--no-rope-parameters", action="store_true")
     parser.add_argument("--kv-heads", type=int, help="KV heads instead of the size's (e.g. = heads: no GQA)")
     parser.add_argument("--rope-theta", type=float, default=1_000_000)
+    parser.add_argument("--layers", type=int, help="decoder layers instead of the size's")
     parser.add_argument("--modeling", action="store_true",
                         help="add scripts/internlm2_hf/ (transformers code) and its auto_map")
     args = parser.parse_args()
     started = time.time()
     tok_vocab = len(json.loads((args.tokdir / "tokenizer.json").read_text())["model"]["vocab"])
     vocab = args.vocab or (92544 if args.size == "7b" else tok_vocab)
-    cfg = config(args.size, vocab, not args.no_rope_parameters, args.modeling, args.kv_heads, args.rope_theta)
+    cfg = config(args.size, vocab, not args.no_rope_parameters, args.modeling, args.kv_heads, args.rope_theta,
+                 args.layers)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(cfg, indent=1))
     (args.out / "generation_config.json").write_text(json.dumps(
