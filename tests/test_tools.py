@@ -157,6 +157,14 @@ def test_a_streamed_tools_answer_equals_the_whole_one(internlm2_server):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_log_probabilities_come_with_a_tools_answer(internlm2_server):
+    live = internlm2_server
+    answer = _client(live).chat.completions.create(
+        model=live.recipe.name, messages=[{"role": "user", "content": "Weather in Paris?"}],
+        max_tokens=5, temperature=0, tools=[WEATHER], logprobs=True, top_logprobs=2)
+    assert len(answer.choices[0].logprobs.content) == answer.usage.completion_tokens > 0
+
+
 def test_forced_calls_need_guided_decoding(internlm2_server):
     live = internlm2_server
     client = _client(live)
@@ -179,6 +187,7 @@ def test_a_model_of_unknown_tool_format_refuses_tools(api_server, recipe):
         client.chat.completions.create(model=recipe.name, max_tokens=4, tools=[WEATHER],
                                        messages=[{"role": "user", "content": "hi"}])
     assert raised.value.body["param"] == "tools" and "internlm2" in raised.value.body["message"]
+    assert "Remove `tools`" in raised.value.body["message"]
     with pytest.raises(openai.BadRequestError) as raised:  # earlier calls need the format too
         client.chat.completions.create(model=recipe.name, max_tokens=4, messages=[
             {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "c", "content": "1"}])

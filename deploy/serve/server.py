@@ -296,10 +296,11 @@ def check_tools(current: Assistant, body: ChatCompletionRequest, tool_plan) -> N
     request's own response_format (the engine applies one guided-decoding constraint)."""
     model_type = current.engine.model_config.get("model_type")
     if tools.dialect_for(model_type) is None:
-        param = "tools" if tool_plan is not None else "messages"
+        param, what = (("tools", "`tools`") if tool_plan is not None
+                       else ("messages", "the messages with tool calls or tool results"))
         raise ApiError(400, f"Tool calls need a model whose tool-call format the kit knows "
                        f"({', '.join(tools.DIALECTS)}); this model is {model_type!r}. Remove "
-                       f"{param} with tools, or serve an InternLM2 model.", param=param,
+                       f"{what}, or serve an InternLM2 model.", param=param,
                        code="unsupported_parameter")
     if tool_plan is not None and tool_plan.choice != "auto" and body.guided_format():
         raise ApiError(400, "response_format cannot be combined with a required or named "

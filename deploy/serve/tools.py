@@ -169,14 +169,16 @@ async def with_calls(stream: AsyncIterator[Delta], parallel: bool = True) -> Asy
     """The stream collected whole, then as one piece: the text outside the calls, the calls (the
     first only where `parallel` is off, as parallel_tool_calls: false asks), finish "tool_calls"
     where there are any, and the counts."""
-    pieces, last = [], Delta()
+    pieces, last, scores = [], Delta(), None
     try:
         async for delta in stream:
             pieces.append(delta.text)
+            if delta.logprobs is not None:  # asked for: every token's, calls included
+                scores = (scores or []) + delta.logprobs
             last = delta
     finally:
         await stream.aclose()
     content, calls = parse("".join(pieces))
     calls = calls if parallel else calls[:1]
     yield ToolDelta(content, "tool_calls" if calls else last.finish_reason, last.prompt_tokens,
-                    last.completion_tokens, None, calls or None)
+                    last.completion_tokens, scores, calls or None)
