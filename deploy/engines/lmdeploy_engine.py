@@ -98,13 +98,11 @@ def token_logprobs(token_ids: list[int] | None, logprobs: list[dict] | None,
     probability, its n likeliest plus the chosen one) as TokenLogprobs with the `top` likeliest.
     The dicts belong to the piece's newest tokens: its token ids may start with ones held back
     from the previous piece's text."""
-    if not logprobs:
+    count = min(len(logprobs or []), len(token_ids or []))
+    if not count:
         return []
-    tokens = list(token_ids or [])[-len(logprobs):]
-    if len(tokens) != len(logprobs):
-        raise RuntimeError(f"LMDeploy returned {len(logprobs)} log probabilities for {len(tokens)} tokens.")
     scored = []
-    for token, dist in zip(tokens, logprobs, strict=True):
+    for token, dist in zip(token_ids[-count:], logprobs[-count:], strict=True):
         if token not in dist:
             raise RuntimeError(f"LMDeploy returned no log probability for generated token {token}.")
         ranked = sorted(dist.items(), key=lambda item: item[1], reverse=True)
