@@ -215,3 +215,44 @@ def test_without_parallel_calls_only_the_first_is_kept():
     assert [c["function"]["name"] for c in first.tool_calls] == ["a"]
     assert (first.finish_reason, first.prompt_tokens, first.completion_tokens, first.text) == (
         "tool_calls", 5, 9, "")
+
+
+def test_calls_are_framed_as_the_openai_client_reads_them():
+    """A whole answer with calls, as a body and as SSE chunks, read back with the official
+    openai client's own types."""
+    import asyncio
+
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from deploy.engines import Delta
+    from deploy.serve.openai_protocol import ChatFormat
+    from deploy.serve.server import _sse
+
+    text = ('Checking.<|action_start|><|plugin|>{"name": "get_weather", "parameters": '
+            '{"city": "Oslo"}}<|action_end|>')
+
+    def answer():
+        async def stream():
+            yield Delta(text, "stop", 7, 11)
+
+        return tools.with_calls(stream())
+
+    form = ChatFormat("m", str)
+    [whole] = asyncio.run(_collect(answer()))
+    body = ChatCompletion.model_validate(form.body(whole))
+    message = body.choices[0].message
+    assert (message.content, body.choices[0].finish_reason) == ("Checking.", "tool_calls")
+    assert message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+
+    events = asyncio.run(_collect(_sse(answer(), form, include_usage=False)))
+    chunks = [ChatCompletionChunk.model_validate_json(e[len("data: "):]) for e in events
+              if e.startswith("data: {")]
+    streamed = [c for ch in chunks for c in (ch.choices[0].delta.tool_calls or [])]
+    assert [(c.index, c.function.name) for c in streamed] == [(0, "get_weather")]
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Checking."
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def _collect(stream) -> list:
+    return [item async for item in stream]
