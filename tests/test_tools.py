@@ -256,3 +256,10 @@ def test_calls_are_framed_as_the_openai_client_reads_them():
 
 async def _collect(stream) -> list:
     return [item async for item in stream]
+
+
+def test_a_function_may_be_named_like_a_choice():
+    called_auto = {"type": "function", "function": {"name": "auto", "parameters": {"type": "object"}}}
+    forced = tools.plan([WEATHER, called_auto], {"type": "function", "function": {"name": "auto"}}, None)
+    assert forced.choice == "function" and [f["name"] for f in forced.allowed()] == ["auto"]
+    assert tools.guided(forced) is not None  # forced, not left to the model

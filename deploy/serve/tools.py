@@ -44,33 +44,36 @@ class ToolError(ValueError):
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """The functions the model may call and how: choice is "auto", "required" or a function name."""
+    """The functions the model may call and how: choice is "auto", "required" or "function" (the
+    one named `name`; a function may well be called "auto")."""
 
     functions: tuple[dict, ...]
     choice: str
     parallel: bool = True
+    name: str | None = None
 
     def allowed(self) -> tuple[dict, ...]:
-        if self.choice in ("auto", "required"):
+        if self.choice != "function":
             return self.functions
-        return tuple(f for f in self.functions if f["name"] == self.choice)
+        return tuple(f for f in self.functions if f["name"] == self.name)
 
 
 def plan(tools: list[dict] | None, tool_choice: str | dict | None, parallel: bool | None) -> ToolPlan | None:
     """The request's tools, checked; None where no tool is in play (none given, or "none")."""
     choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    name = None
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
         if not isinstance(name, str):
             raise ToolError('tool_choice must be "none", "auto", "required" or '
                             '{"type": "function", "function": {"name": ...}}', "tool_choice")
-        choice = name
+        choice = "function"
     elif choice not in ("none", "auto", "required"):
         raise ToolError(f'tool_choice {choice!r} is not one of "none", "auto", "required"', "tool_choice")
     if choice == "none":
         return None
     if not tools:
-        raise ToolError(f"tool_choice {choice!r} needs tools", "tools")
+        raise ToolError(f"tool_choice {name or choice!r} needs tools", "tools")
     functions = []
     for i, tool in enumerate(tools):
         function = tool.get("function") if tool.get("type") == "function" else None
@@ -82,9 +85,9 @@ def plan(tools: list[dict] | None, tool_choice: str | dict | None, parallel: boo
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
         functions.append({"name": function["name"], "description": function.get("description", ""),
                           "parameters": parameters})
-    if choice not in ("auto", "required") and choice not in {f["name"] for f in functions}:
-        raise ToolError(f"tool_choice names {choice!r}, which is not among the tools", "tool_choice")
-    return ToolPlan(tuple(functions), choice, parallel is not False)
+    if name is not None and name not in {f["name"] for f in functions}:
+        raise ToolError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return ToolPlan(tuple(functions), choice, parallel is not False, name)
 
 
 def dialect_for(model_type: str | None) -> str | None:
