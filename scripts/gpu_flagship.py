@@ -32,12 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deploy.serve.ports import free_port  # noqa: E402
+from serve_check import serve_and_ask  # noqa: E402
 
 GIB = 2**30
 
@@ -97,48 +95,6 @@ def manifest_steps(name: str) -> dict:
     return {k: {"seconds": v.get("seconds"), "outputs": v.get("outputs")} for k, v in steps.items()}
 
 
-def serve(recipe: Path, out: Path, tag: str, name: str) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (out / f"{tag}-serve.log").open("w")
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port)],
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    result: dict = {}
-    try:
-        health = None
-        while time.perf_counter() - started < 300 and server.poll() is None:
-            try:
-                health = httpx.get(url + "/health", timeout=2).json()
-                if health.get("status") in ("ok", "failed"):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        result.update(health=health, ready_s=round(time.perf_counter() - started, 1),
-                      exit_code=server.poll())
-        if health and health.get("status") == "ok":
-            import openai
-
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-            answer = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": "Hello, who are you?"}],
-                max_tokens=32, temperature=0)
-            result["answer"] = {"text": answer.choices[0].message.content,
-                                "finish_reason": answer.choices[0].finish_reason,
-                                "usage": answer.usage.model_dump()}
-            result["memory"] = httpx.get(url + "/memory", timeout=30).json()
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -170,7 +126,7 @@ def main() -> None:
                      "plan_a10_unquantized": a10_fp16, "plan_a10": plan(recipe, "A10"),
                      "build": build(recipe, args.out, tag), "steps": manifest_steps(data["name"])}
             if entry["build"]["exit_code"] == 0:
-                entry["serve"] = serve(recipe, args.out, tag, data["name"])
+                entry["serve"] = serve_and_ask(recipe, args.out / f"{tag}-serve.log", data["name"])
             results.append(entry)
             print(tag, "build", entry["build"], "ready", entry.get("serve", {}).get("ready_s"), flush=True)
             report.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": str(args.model),

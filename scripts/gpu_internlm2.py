@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deploy.serve.ports import free_port  # noqa: E402
+from serve_check import serve_and_ask  # noqa: E402
 
 CASES = [("small", True), ("small", False), ("7b", True)]
 
@@ -44,54 +41,17 @@ def make(models: Path, tok: Path, size: str, rope: bool) -> Path:
     return out
 
 
-def serve_and_ask(model: Path, backend: str, out: Path, name: str) -> dict:
+def serve_once(model: Path, backend: str, out: Path, name: str) -> dict:
     recipe = out / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": name, "model": {"source": "local", "path": str(model)},
         "engine": {"backend": backend, "dtype": "float16", "session_len": 4096,
                    "max_batch_size": 64, "cache_max_entry_count": 0.2},
         "serve": {"mode": "api"}}))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (out / f"{name}.log").open("w")
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port)],
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                   # TurboMind logs its KV cache budget at INFO only.
-                                   **({"TM_LOG_LEVEL": "INFO"} if "turbomind" in backend else {})})
-    result: dict = {"case": name, "model": str(model), "backend": backend}
-    try:
-        health = None
-        while time.perf_counter() - started < 300 and server.poll() is None:
-            try:
-                health = httpx.get(url + "/health", timeout=2).json()
-                if health.get("status") in ("ok", "failed"):
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        result["health"] = health
-        result["exit_code"] = server.poll()
-        result["ready_s"] = round(time.perf_counter() - started, 1)
-        if health and health.get("status") == "ok":
-            import openai
-
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-            answer = client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": "Hello, who are you?"}],
-                max_tokens=32, temperature=0)
-            result["answer"] = {"text": answer.choices[0].message.content,
-                                "finish_reason": answer.choices[0].finish_reason,
-                                "usage": answer.usage.model_dump()}
-            result["memory"] = httpx.get(url + "/memory", timeout=30).json()
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    result = {"case": name, "model": str(model), "backend": backend,
+              **serve_and_ask(recipe, out / f"{name}.log", name,
+                              # TurboMind logs its KV cache budget at INFO only.
+                              {"TM_LOG_LEVEL": "INFO"} if "turbomind" in backend else None)}
     text = (out / f"{name}.log").read_text(errors="replace")
     result["log_tail"] = text[-1500:]
     return result
@@ -109,7 +69,7 @@ def main() -> None:
     for size, rope in CASES:
         model = make(args.models, args.tok, size, rope)
         name = f"internlm2-{size}{'' if rope else '-norope'}"
-        results.append(serve_and_ask(model, args.backend, args.out, name))
+        results.append(serve_once(model, args.backend, args.out, name))
         r = results[-1]
         print(name, r.get("health", {}) and r["health"].get("status"), r.get("ready_s"),
               (r.get("answer") or {}).get("usage"), flush=True)
