@@ -93,3 +93,23 @@ def browser():
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_internlm2(tmp_path_factory) -> Path:
+    """A random-weight InternLM2 checkpoint of tiny shapes carrying the project's transformers code
+    (scripts/make_random_internlm2.py --modeling), with the bundled SmolLM2's tokenizer."""
+    import subprocess
+    import sys
+
+    from deploy.build.sources import bundled_model_dir
+
+    bundled = bundled_model_dir("SmolLM2-135M-Instruct")
+    tok = tmp_path_factory.mktemp("tok")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (bundled / name).is_file():
+            shutil.copy(bundled / name, tok / name)
+    out = tmp_path_factory.mktemp("internlm2") / "tiny"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_internlm2.py"), str(out), str(tok),
+                    "--size", "tiny", "--modeling"], check=True, capture_output=True)
+    return out

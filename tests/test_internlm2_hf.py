@@ -12,15 +12,12 @@ SmolLM2's tokenizer.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from deploy.build.sources import bundled_model_dir
 from deploy.engines import GenerationParams
 from deploy.engines.transformers_engine import TransformersEngine
 
@@ -28,16 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    bundled = bundled_model_dir("SmolLM2-135M-Instruct")
-    tok = tmp_path_factory.mktemp("tok")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (bundled / name).is_file():
-            (tok / name).write_bytes((bundled / name).read_bytes())
-    out = tmp_path_factory.mktemp("internlm2") / "tiny"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_internlm2.py"), str(out), str(tok),
-                    "--size", "tiny", "--modeling"], check=True, capture_output=True)
-    return out
+def checkpoint(tiny_internlm2) -> Path:
+    return tiny_internlm2
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,11 @@ writes. Forced calls (tool_choice "required" or named) need guided decoding: LMD
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import openai
 import pytest
 
-from deploy.build.sources import bundled_model_dir
 from deploy.serve import tools
 from deploy.serve.server import ServerThread, create_app
 
@@ -98,18 +95,11 @@ def test_a_forced_call_is_a_structural_tag_of_the_allowed_functions():
 
 
 @pytest.fixture(scope="module")
-def internlm2_server(tmp_path_factory):
+def internlm2_server(tiny_internlm2):
     from deploy.recipe import parse_recipe
     from deploy.serve.assistant import Assistant
 
-    bundled = bundled_model_dir("SmolLM2-135M-Instruct")
-    tok = tmp_path_factory.mktemp("tok")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (bundled / name).is_file():
-            (tok / name).write_bytes((bundled / name).read_bytes())
-    model = tmp_path_factory.mktemp("internlm2") / "tiny"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_internlm2.py"), str(model), str(tok),
-                    "--size", "tiny", "--modeling"], check=True, capture_output=True)
+    model = tiny_internlm2
     recipe = parse_recipe({"name": "internlm2-tiny", "model": {"source": "local", "path": str(model),
                                                                "trust_remote_code": True},
                            "engine": {"backend": "transformers", "dtype": "float32", "session_len": 1024}})
