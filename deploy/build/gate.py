@@ -55,20 +55,26 @@ class ReferenceRow:
     logprobs: object  # a float tensor [answer tokens, vocab]
 
 
+async def _answers(engine: Engine, tasks: list[Task], answer_tokens: int, progress=None) -> list[str]:
+    """Every task's greedy answer, all of them before any logits are asked for: on LMDeploy's
+    PyTorch engine, answers asked for after a logits request came back with 2 tokens
+    (docs/data/gpu-2026-11-26-logits/). The answers are the slow part: the progress bar follows them."""
+    params = GenerationParams(max_tokens=answer_tokens)
+    texts = []
+    for task in tasks:
+        texts.append((await engine.chat(task.messages(), params)).text)
+        if progress:
+            progress()
+    return texts
+
+
 async def reference_rows(reference: Engine, tokenizer, tasks: list[Task], answer_tokens: int = 32,
                          progress=None) -> list[ReferenceRow]:
     """Phase one: the reference answers each task greedily and scores its own answer."""
     import torch
 
     rows = []
-    params = GenerationParams(max_tokens=answer_tokens)
-    # Every answer before any logits: on LMDeploy's PyTorch engine, answers asked for after a
-    # logits request came back with 2 tokens (docs/data/gpu-2026-11-26-logits/).
-    texts = []
-    for task in tasks:  # the answers are the slow part: the progress bar follows them
-        texts.append((await reference.chat(task.messages(), params)).text)
-        if progress:
-            progress()
+    texts = await _answers(reference, tasks, answer_tokens, progress)
     for task, text in zip(tasks, texts, strict=True):
         prompt = encode_chat(tokenizer, task.messages())
         answer = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
@@ -89,12 +95,7 @@ async def compare_with(candidate: Engine, rows: list[ReferenceRow], tasks: list[
     agree = positions = 0
     kl_sum = 0.0
     answers = []
-    params = GenerationParams(max_tokens=answer_tokens)
-    texts = []
-    for task in tasks:  # every answer before any logits, as above
-        texts.append((await candidate.chat(task.messages(), params)).text)
-        if progress:
-            progress()
+    texts = await _answers(candidate, tasks, answer_tokens, progress)
     for row, text in zip(rows, texts, strict=True):
         logits = (await candidate.prompt_logits([row.ids]))[0]
         q = torch.log_softmax(logits[row.start:len(row.ids) - 1].float(), dim=-1)
