@@ -1,6 +1,6 @@
 """Cold start: from `python -m deploy serve RECIPE` to the first streamed token, as a user waits.
 
-Usage: python scripts/cold_start.py RECIPE [--runs N] [--code DIR] [--json OUT]
+Usage: python scripts/cold_start.py RECIPE [--runs N] [--code DIR] [--json OUT] [--logs PREFIX]
 --code runs another checkout's kit (e.g. a git worktree of an older commit) for a baseline measured
 in the same session. Prints each run's times to listening, to /health ok and to the first token.
 """
@@ -76,10 +76,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--code", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--logs", default="/tmp/cold-start",
+                        help="each run's server log goes to LOGS-N.log (default /tmp/cold-start-N.log)")
     args = parser.parse_args()
     runs = []
     for i in range(args.runs):
-        runs.append(one_run(args.recipe, args.code, Path(f"/tmp/cold-start-{i}.log")))
+        runs.append(one_run(args.recipe, args.code, Path(f"{args.logs}-{i}.log")))
         print(json.dumps(runs[-1]), flush=True)
     summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"median over {len(runs)} runs: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))

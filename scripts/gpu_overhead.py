@@ -2,11 +2,11 @@
 
 Both servers get the same model and settings (LMDeploy PyTorch engine, cache ratio 0.2,
 session_len 4096, max_batch_size 64) and the same client (deploy/bench/load.py, the benchmark's):
-streaming chat completions at concurrency 1 and 64, after a warm-up wave. Then the kit's server is
-started twice more from cold to time start -> first token (the second start skips LMDeploy's
-environment check, which the first recorded as passed).
+streaming chat completions at concurrency 1 and 64, a warm-up wave and then --repeats rounds each.
+Then the kit's server is started --cold-starts more times from cold to time start -> first token
+(these skip LMDeploy's environment check, which the first start recorded as passed).
 
-Usage: python scripts/gpu_overhead.py --model DIR --out OUT [--kit-only]
+Usage: python scripts/gpu_overhead.py --model DIR --out OUT [--kit-only] [--repeats N] [--cold-starts N]
 """
 
 from __future__ import annotations
@@ -47,16 +47,19 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str) -> None:
         time.sleep(0.5)
 
 
-def measure(base_url: str, model: str) -> list[dict]:
+def measure(base_url: str, model: str, repeats: int) -> list[dict]:
+    """`repeats` rounds at each concurrency after one warm-up wave, each round a row with its
+    `round` number, so a comparison has its spread."""
     rows = []
     for concurrency, requests in ((1, 8), (64, 128)):
         asyncio.run(run_load(base_url, model, [PROMPT], concurrency, concurrency, 8))  # warm-up
-        result = asyncio.run(run_load(base_url, model, [PROMPT], concurrency, requests, 128))
-        rows.append(result.as_dict())
+        for round_ in range(repeats):
+            result = asyncio.run(run_load(base_url, model, [PROMPT], concurrency, requests, 128))
+            rows.append({"round": round_ + 1, **result.as_dict()})
     return rows
 
 
-def lmdeploy_server(model: Path, out: Path) -> dict:
+def lmdeploy_server(model: Path, out: Path, repeats: int) -> dict:
     port = free_port()
     log = (out / "lmdeploy-api-server.log").open("w")
     started = time.perf_counter()
@@ -69,19 +72,20 @@ def lmdeploy_server(model: Path, out: Path) -> dict:
         wait_ready(url, proc, "/v1/models")
         ready = time.perf_counter() - started
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        return {"server": "lmdeploy api_server", "ready_s": ready, "load": measure(url + "/v1", name)}
+        return {"server": "lmdeploy api_server", "ready_s": ready,
+                "load": measure(url + "/v1", name, repeats)}
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
 
 
-def kit_measured(recipe: Path, out: Path) -> dict:
+def kit_measured(recipe: Path, out: Path, repeats: int) -> dict:
     started = time.perf_counter()
     with kit_server(recipe, out / "kit-server.log") as (url, proc):
         wait_ready(url, proc, "/health")
         ready = time.perf_counter() - started
         return {"server": "xlab-deploy", "ready_s": ready,
-                "load": measure(url + "/v1", yaml.safe_load(recipe.read_text())["name"])}
+                "load": measure(url + "/v1", yaml.safe_load(recipe.read_text())["name"], repeats)}
 
 
 def main() -> None:
@@ -90,6 +94,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--kit-only", action="store_true",
                         help="skip the api_server baseline (e.g. to re-time the kit's cold start)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="measured rounds per server and concurrency (default 3)")
+    parser.add_argument("--cold-starts", type=int, default=2,
+                        help="cold starts of the kit's server timed afterwards (default 2)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = args.out / "overhead.yaml"
@@ -100,11 +108,13 @@ def main() -> None:
         "serve": {"mode": "api"}}))
     results = {}
     if not args.kit_only:
-        results["lmdeploy"] = lmdeploy_server(args.model, args.out)
+        results["lmdeploy"] = lmdeploy_server(args.model, args.out, args.repeats)
         print(json.dumps(results["lmdeploy"]), flush=True)
-    results["kit"] = kit_measured(recipe, args.out)  # first start: runs and records the env check
+    # The first start runs the environment check and records it as passed.
+    results["kit"] = kit_measured(recipe, args.out, args.repeats)
     print(json.dumps(results["kit"]), flush=True)
-    results["cold_start"] = [one_run(recipe, ROOT, args.out / f"cold-{i}.log") for i in range(2)]
+    results["cold_start"] = [one_run(recipe, ROOT, args.out / f"cold-{i}.log")
+                             for i in range(args.cold_starts)]
     print(json.dumps(results["cold_start"]), flush=True)
     (args.out / "overhead.json").write_text(json.dumps(results, indent=2))
 

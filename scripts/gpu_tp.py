@@ -50,7 +50,7 @@ def serve_tp(model: Path, tp: int, out: Path) -> dict:
                     for g in memory["gpus"]],
                 "engine_memory": {k: memory["engine"].get(k) for k in
                                   ("kv_blocks", "kv_capacity_tokens", "kv_cache_bytes", "settings")},
-                "load": measure(url + "/v1", name)}
+                "load": measure(url + "/v1", name, 1)}
 
 
 def main() -> None:

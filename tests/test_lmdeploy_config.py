@@ -159,3 +159,17 @@ def test_lmdeploy_log_probabilities_in_the_engine_interface():
     assert token_logprobs([3], None, top=1) == []
     with pytest.raises(RuntimeError, match="no log probability for generated token 9"):
         token_logprobs([9], [{1: -0.5}], top=1)
+
+
+def test_cuda_visible_devices_narrows_the_gpus_nvml_counts():
+    """visible_gpus counts through NVML without importing torch, so it reads CUDA_VISIBLE_DEVICES
+    as CUDA does: entries up to the first invalid one."""
+    from deploy.engines.hardware import cuda_visible
+
+    assert cuda_visible(4, None) == 4
+    assert cuda_visible(4, "") == 0
+    assert cuda_visible(4, "-1") == 0
+    assert cuda_visible(4, "2") == 1
+    assert cuda_visible(4, "0, 3") == 2
+    assert cuda_visible(4, "1,7,2") == 1  # 7 is not a GPU here: CUDA stops reading there
+    assert cuda_visible(2, "GPU-8f1a2b3c,MIG-11aa") == 2

@@ -68,6 +68,10 @@ def test_lmdeploy_streams_batches_and_reports_kv(gpu_recipe):
 
     with Assistant.from_recipe(gpu_recipe) as assistant:
         assert assistant.engine.name == "lmdeploy-pytorch"
+        # The engine process is the one the kit spawned before importing LMDeploy, adopted by
+        # LMDeploy's client (deploy/engines/engine_process.py), not a second one.
+        client = assistant.engine._engine.engine
+        assert type(client).__name__ == "AdoptedZMQEngine" and client.proc.is_alive()
         together, pieces, after = asyncio.run(scenario(assistant))
         memory = assistant.engine.memory()
 

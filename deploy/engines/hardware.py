@@ -14,9 +14,37 @@ def lmdeploy_installed() -> bool:
 
 
 def visible_gpus() -> int:
-    import torch
+    """CUDA GPUs this process may use: NVML's count narrowed by CUDA_VISIBLE_DEVICES. Not torch's
+    count, which imports torch: seconds on the serve path before LMDeploy's engine process is
+    spawned (engine_process.py). torch answers only where NVML cannot."""
+    try:
+        import pynvml  # from nvidia-ml-py
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        pynvml.nvmlInit()
+    except Exception:  # no nvidia-ml-py, or no driver NVML can reach
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    return cuda_visible(count, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def cuda_visible(count: int, variable: str | None) -> int:
+    """How many of `count` GPUs CUDA shows under CUDA_VISIBLE_DEVICES = `variable`: its entries
+    (indices, or GPU-/MIG- UUIDs) up to the first invalid one, as CUDA reads it."""
+    if variable is None:
+        return count
+    seen = 0
+    for entry in variable.split(","):
+        entry = entry.strip()
+        if (entry.isdigit() and int(entry) < count) or entry.startswith(("GPU-", "MIG-")):
+            seen += 1
+        else:
+            break
+    return seen
 
 
 def gpu_report(pid: int | None = None) -> dict:

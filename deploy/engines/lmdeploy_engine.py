@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from deploy.engines import engine_process
 from deploy.engines.base import (
     Delta,
     Engine,
@@ -182,22 +183,44 @@ class LMDeployEngine(Engine):
         self.model_config = json.loads((self.model_dir / "config.json").read_text())
         _check_weights(config.weights, self.model_config, self.model_dir)
         trust = config.trust_remote_code
+        turbomind = backend == "lmdeploy-turbomind"
+        served = self.model_dir
+        early = checked = None
+        if not turbomind:
+            served = model_dir_for_lmdeploy(self.model_dir, self.model_config)
+            kwargs = engine_config_kwargs(config, self.model_config)
+            checked = _env_check_marker(self.model_config, kwargs)
+            _skip_env_check(checked.exists())
+            if config.tp == 1:  # tp workers start from the engine process; not tried early
+                early = engine_process.start(served, kwargs, trust)
+        try:
+            self._start(config, served, early, turbomind)
+        except BaseException:
+            if early is not None:
+                early.stop()
+            raise
+        if checked is not None:
+            checked.parent.mkdir(parents=True, exist_ok=True)
+            checked.touch()
+        self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
+        self.session_len = self._engine.session_len
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _start(self, config: EngineConfig, served: Path, early: engine_process.EngineProcess | None,
+               turbomind: bool) -> None:
+        trust = config.trust_remote_code
         started = time.perf_counter()
         # Imported before the tokenizer loads: both import transformers, and two threads
         # importing it at once fail ("cannot import name 'PretrainedConfig'", seen on the H100).
         from lmdeploy.serve.core.async_engine import AsyncEngine
 
+        if early is not None:
+            AsyncEngine = engine_process.async_engine_class(early)  # noqa: N806
         log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
         self.tokenizer = load_tokenizer(self.model_dir, config.chat_template, trust)
         self.config = lmdeploy_config(config, self.model_config, self.model_dir)
-        log.info("LMDeploy %s config: %s", backend, self.config)
-        checked = _env_check_marker(self.model_config, self.config)
-        _skip_env_check(checked.exists())
+        log.info("LMDeploy %s config: %s", config.backend, self.config)
         started = time.perf_counter()
-        served = self.model_dir
-        if backend == "lmdeploy-pytorch":
-            served = model_dir_for_lmdeploy(self.model_dir, self.model_config)
-        turbomind = backend == "lmdeploy-turbomind"
         if turbomind:  # its KV budget is logged at INFO only, and little else is (native_log.py)
             os.environ.setdefault("TM_LOG_LEVEL", "INFO")
         self._tm_cache_bytes: int | None = None
@@ -225,11 +248,6 @@ class LMDeployEngine(Engine):
                 "names, or try engine.backend: lmdeploy-turbomind."
             ) from exc
         log.info("LMDeploy engine started (%.1fs)", time.perf_counter() - started)
-        checked.parent.mkdir(parents=True, exist_ok=True)
-        checked.touch()
-        self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
-        self.session_len = self._engine.session_len
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def stream_tokens(self, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
         from lmdeploy import GenerationConfig
@@ -354,14 +372,14 @@ class LMDeployEngine(Engine):
             )
 
 
-def _env_check_marker(model_config: dict, engine_config) -> Path:
+def _env_check_marker(model_config: dict, engine_kwargs: dict) -> Path:
     """Where a passed environment check is remembered, keyed by everything the check looks at:
     LMDeploy, torch, CUDA, transformers and triton versions, the GPUs, the model's config and the
-    engine settings. Any change gives a new key, and the check runs again."""
+    engine settings. Any change gives a new key, and the check runs again. Computed without
+    importing torch: it runs before the engine process is spawned (engine_process.py)."""
     import hashlib
     import importlib.metadata
-
-    import torch
+    import importlib.util
 
     from deploy.cache import env_check_dir
 
@@ -373,27 +391,27 @@ def _env_check_marker(model_config: dict, engine_config) -> Path:
 
     from deploy.engines.hardware import gpu_report
 
+    # torch's version.py names its version, CUDA version and commit, read without importing torch.
+    spec = importlib.util.find_spec("torch")
+    torch_build = "-"
+    if spec is not None and spec.origin:
+        built = Path(spec.origin).parent / "version.py"
+        torch_build = built.read_text() if built.is_file() else version("torch")
     # NVML, not torch.cuda: the engine runs in its own process, and a CUDA context here would
     # cost seconds of start-up and GPU memory for nothing.
     gpus = [gpu["name"] for gpu in gpu_report()["gpus"]]
-    key = json.dumps([version("lmdeploy"), torch.__version__, torch.version.cuda, version("transformers"),
-                      version("triton"), gpus, model_config, repr(engine_config)], sort_keys=True,
-                     default=str)
+    key = json.dumps([version("lmdeploy"), torch_build, version("transformers"), version("triton"),
+                      gpus, model_config, engine_kwargs], sort_keys=True, default=str)
     return env_check_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".ok")
 
 
 def _skip_env_check(skip: bool) -> None:
     """LMDeploy's PyTorch engine checks its environment in a spawned process on every start (about
-    20 s on the H100). Once it has passed for this exact setup, the kit skips it."""
-    try:
-        from lmdeploy.pytorch import envs
-    except ImportError:
-        return
+    20 s on the H100). Once it has passed for this exact setup, the kit skips it. The variable is
+    read by the engine's own process, which is spawned after this."""
     if skip:
         log.info("skipping LMDeploy's environment check: it passed before for this exact setup")
-        # The attribute covers this process; the variable covers the engine's own process.
         os.environ["LMDEPLOY_ENABLE_CHECK_ENV"] = "0"
-    envs.enable_check_env = not skip and envs.enable_check_env
 
 
 def _check_weights(weights: str, config: dict, model_dir: Path) -> None:
