@@ -184,6 +184,11 @@ class LMDeployEngine(Engine):
         _check_weights(config.weights, self.model_config, self.model_dir)
         trust = config.trust_remote_code
         turbomind = backend == "lmdeploy-turbomind"
+        if turbomind:
+            # TurboMind 0.18 reports log probabilities after its sampling filters, and has no raw
+            # mode: under greedy decoding every token came back alone with 0.0 (H100,
+            # docs/data/gpu-2026-11-26-gputest/). Refused rather than served wrong.
+            self.supports = self.supports - {"logprobs"}
         served = self.model_dir
         early = checked = None
         if not turbomind:
