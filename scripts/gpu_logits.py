@@ -11,7 +11,8 @@ with max_new_tokens=0"). This script, through the kit's own LMDeployEngine on th
 backend, asks for 32 tokens on each of 4 prompts, in two fresh engines:
 - `interleaved`: each answer followed by the logits of its sequence, as the gate did;
 - `answers_first`: the 4 answers, then the 4 sequences' logits, as the gate and benchmark now do;
-and records every answer's token count and finish, and whether any logits are not finite.
+and records every answer's token count and finish, and what in each sequence's logits is not finite
+(NaN, +inf, -inf).
 Writes FILE (JSON). Random weights: the text means nothing; the counts do.
 """
 
@@ -36,31 +37,45 @@ async def run(engine, way: str) -> dict:
     from deploy.engines.chat_format import encode_chat
 
     params = GenerationParams(max_tokens=32)
-    counts, finite, pending = [], True, []
+    counts, values, pending = [], [], []
 
-    async def logits_of(messages, text) -> bool:
+    async def logits_of(messages, text) -> dict:
         ids = encode_chat(engine.tokenizer, messages) + engine.tokenizer(
             text, add_special_tokens=False)["input_ids"]
-        return bool((await engine.prompt_logits([ids]))[0].isfinite().all())
+        return not_finite((await engine.prompt_logits([ids]))[0])
 
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
         answer = await engine.chat(messages, params)
         counts.append([answer.completion_tokens, answer.finish_reason])
         if way == "interleaved":
-            finite = await logits_of(messages, answer.text) and finite
+            values.append(await logits_of(messages, answer.text))
         else:
             pending.append((messages, answer.text))
     for messages, text in pending:
-        finite = await logits_of(messages, text) and finite
-    return {"answers": counts, "logits_finite": finite}
+        values.append(await logits_of(messages, text))
+    return {"answers": counts, "logits_finite": not any(v["nan"] or v["inf"] or v["neg_inf"] for v in values),
+            "logits": values}
+
+
+def not_finite(logits) -> dict:
+    """What in one sequence's logits (positions x vocabulary) is not a finite number: NaN (the
+    computation broke), +inf, or -inf (a row masked out, which a softmax turns into 0)."""
+    import torch
+
+    bad = ~logits.isfinite()
+    return {"positions": int(logits.shape[0]), "positions_not_finite": int(bad.any(-1).sum()),
+            "nan": int(logits.isnan().sum()), "inf": int((logits == float("inf")).sum()),
+            "neg_inf": int((logits == float("-inf")).sum()),
+            "all_nan_positions": int(logits.isnan().all(-1).sum()), "dtype": str(logits.dtype),
+            "max_abs_finite": float(torch.where(bad, 0, logits).abs().max())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--kv", default="none", choices=["none", "int8"])
+    parser.add_argument("--kv", default="none", choices=["none", "int8", "int4"])
     args = parser.parse_args()
     from deploy.engines.config import EngineConfig
     from deploy.engines.lmdeploy_engine import LMDeployEngine

@@ -134,6 +134,10 @@ def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> 
             f"| {_fmt(q['mean_kl'] and max(q['mean_kl'], 0.0), '.4f')} "
             f"| {q['scored']} | {_fmt(q.get('exact'), '.2f')} | {_fmt(q.get('contains'), '.2f')} "
             f"| {_fmt(q.get('rouge_l'), '.2f')} |")
+    unscored = [(r["setting"], r["quality"]["not_scored"]) for r in results
+                if r["quality"].get("not_scored")]
+    if unscored:
+        lines += [""] + [f"- `{name}`: no agreement or KL, {why}." for name, why in unscored]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     else:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deploy.bench.load import run_load
 from deploy.bench.scoring import score
-from deploy.build.gate import agreement
+from deploy.build.gate import UnscorableLogits, agreement, scorable
 from deploy.build.pipeline import build
 from deploy.capacity.memory import memory_report
 from deploy.engines import GenerationParams
@@ -78,22 +78,28 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
             prompt = encode_chat(engine.tokenizer, assistant.messages(task.messages()))
             ids = prompt + (engine.tokenizer(text, add_special_tokens=False)["input_ids"]
                             or [engine.tokenizer.eos_token_id])
-            logits = (await engine.prompt_logits([ids]))[0]
+            logits = scorable((await engine.prompt_logits([ids]))[0], engine)
             rows.append({"ids": ids, "start": len(prompt) - 1,
                          "logprobs": torch.log_softmax(logits[len(prompt) - 1:len(ids) - 1], -1).half()})
     against = reference["rows"] if reference is not None else rows
     agree = positions = 0
     kl = 0.0
-    for row in against:
-        logits = (await engine.prompt_logits([row["ids"]]))[0]
-        q = torch.log_softmax(logits[row["start"]:len(row["ids"]) - 1].float(), -1)
-        matched, row_kl, count = agreement(row["logprobs"], q)
-        agree, kl, positions = agree + matched, kl + row_kl, positions + count
+    unscored = None
+    try:
+        for row in against:
+            logits = scorable((await engine.prompt_logits([row["ids"]]))[0], engine)
+            q = torch.log_softmax(logits[row["start"]:len(row["ids"]) - 1].float(), -1)
+            matched, row_kl, count = agreement(row["logprobs"], q)
+            agree, kl, positions = agree + matched, kl + row_kl, positions + count
+    except UnscorableLogits as exc:  # no numbers rather than a top-1 of 0 from NaN
+        agree = positions = 0
+        unscored = str(exc)
     quality = {
         "prompts": len(tasks),
         "top1_agreement": agree / positions if positions else None,
         "mean_kl": kl / positions if positions else None,
         "compared_positions": positions,
+        **({"not_scored": unscored} if unscored else {}),
         "scored": len(scores),
         **{k: sum(s[k] for s in scores) / len(scores) for k in ("exact", "contains", "rouge_l")
            if scores},

@@ -43,6 +43,23 @@ def agreement(p, q) -> tuple[int, float, int]:
     return agree, float(terms.sum()), p.shape[0]
 
 
+class UnscorableLogits(RuntimeError):
+    """An engine returned NaN logits, so its distributions cannot be compared with anything."""
+
+
+def scorable(logits, engine: Engine):
+    """`logits` ([len, vocab]), or UnscorableLogits where a position holds NaN. LMDeploy 0.18's
+    PyTorch engine returns NaN at every position when its KV cache is quantized, while its answers
+    are whole (H100, docs/data/gpu-2026-11-26-kv-logits/); scored, that read as top-1 0.000."""
+    import torch
+
+    broken = int(torch.isnan(logits).any(-1).sum())
+    if broken:
+        raise UnscorableLogits(f"the {engine.name} engine returned NaN logits at {broken} of "
+                               f"{logits.shape[0]} positions")
+    return logits
+
+
 @dataclass
 class ReferenceRow:
     """The reference's answer to one task and its next-token log-probabilities over that answer,
@@ -79,7 +96,7 @@ async def reference_rows(reference: Engine, tokenizer, tasks: list[Task], answer
         prompt = encode_chat(tokenizer, task.messages())
         answer = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
         ids = prompt + answer
-        logits = (await reference.prompt_logits([ids]))[0]
+        logits = scorable((await reference.prompt_logits([ids]))[0], reference)
         # Rows prompt-1 .. end-1 predict the answer tokens.
         start = len(prompt) - 1
         rows.append(ReferenceRow(task.prompt, text, ids, start,
@@ -97,7 +114,7 @@ async def compare_with(candidate: Engine, rows: list[ReferenceRow], tasks: list[
     answers = []
     texts = await _answers(candidate, tasks, answer_tokens, progress)
     for row, text in zip(rows, texts, strict=True):
-        logits = (await candidate.prompt_logits([row.ids]))[0]
+        logits = scorable((await candidate.prompt_logits([row.ids]))[0], candidate)
         q = torch.log_softmax(logits[row.start:len(row.ids) - 1].float(), dim=-1)
         matched, kl, count = agreement(row.logprobs, q)
         agree, kl_sum, positions = agree + matched, kl_sum + kl, positions + count

@@ -264,7 +264,7 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"skipped": "switched off by quantization.verify.enabled: false"}
     from dataclasses import replace
 
-    from deploy.build.gate import compare_with, reference_rows
+    from deploy.build.gate import UnscorableLogits, compare_with, reference_rows
     from deploy.engines import engine_config, load_engine
 
     tasks = load_tasks(recipe.resolve(gate.tasks) if gate.tasks else None, gate.prompts)
@@ -284,6 +284,8 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     try:
         with _progress(len(tasks), "verify: the quantized model") as advance:
             result = asyncio.run(compare_with(candidate, rows, tasks, gate.answer_tokens, advance))
+    except UnscorableLogits as exc:
+        return _unscored(work, config, exc)
     finally:
         candidate.close()
     report = {**result.as_dict(), "min_top1_agreement": gate.min_top1_agreement,
@@ -300,6 +302,21 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     return {"passed": passed, "message": message, "top1_agreement": result.top1_agreement,
             "mean_kl": result.mean_kl, "positions": result.positions,
             "report": str(work / "verify.json")}
+
+
+def _unscored(work: Path, config, exc: Exception) -> dict:
+    """The gate's verdict when the candidate's logits cannot be scored: failed, with the reason
+    and the ways on, never a top-1 of 0 that reads as a broken quantization."""
+    why = f"The quality gate could not score the quantized model: {exc}."
+    if config.backend == "lmdeploy-pytorch" and config.kv_cache != "none":
+        why += (f" LMDeploy's PyTorch engine returns NaN for every logit when its KV cache is "
+                f"quantized (quantization.kv_cache {config.kv_cache}; LMDeploy 0.18 on the H100, "
+                "docs/benchmarks.md), though its answers are whole.")
+    message = (f"{why} Set engine.backend: lmdeploy-turbomind (or auto, which picks TurboMind where "
+               "it loads) and build again, or serve these weights unverified with `deploy serve --force`.")
+    write_json(work / "verify.json", {"scored": False, "reason": str(exc)})
+    return {"passed": False, "message": message, "top1_agreement": None, "mean_kl": None,
+            "positions": 0, "report": str(work / "verify.json")}
 
 
 def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool,

@@ -47,6 +47,8 @@ def choose(verdicts: list[Verdict], goal: str, min_top1: float, max_kl: float | 
         top1, kl = v.measured["top1_agreement"], v.measured["mean_kl"]
         if v.measured["failed_requests"]:
             v.status, v.reason = "failed", f"{v.measured['failed_requests']} requests failed under load"
+        elif top1 is None and v.measured.get("not_scored"):
+            v.status, v.reason = "failed", f"quality not measured: {v.measured['not_scored']}"
         elif top1 is None or top1 < min_top1:
             v.status, v.reason = "failed", f"top-1 agreement {_f(top1)} is below the floor {min_top1}"
         elif max_kl is not None and kl is not None and kl > max_kl:

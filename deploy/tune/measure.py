@@ -75,6 +75,7 @@ def summarize(result: dict, serve_tokens: int) -> dict:
         "memory_kind": "GPU used (NVML)" if gpus else "process RSS",
         "top1_agreement": quality["top1_agreement"],
         "mean_kl": quality["mean_kl"],
+        "not_scored": quality.get("not_scored"),
         "build_s": result["build_s"],
         "start_to_first_token_s": result["start_to_first_token_s"],
         "engine": result["engine"],
