@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Runs the kit's GPU work on the lent H100 (see ../shared/device/README.md), from the repo root:
 #   bash scripts/device_run.sh setup                 # wheels + random-weight models (tiny, 7b)
-#   bash scripts/device_run.sh gputest               # pytest -m gpu against the tiny model
+#   bash scripts/device_run.sh gputest [PYTEST ARGS] # the GPU tests against the tiny model
 #   bash scripts/device_run.sh gate                  # AWQ build + LMDeploy quality gate, GPU memory trace
 #   bash scripts/device_run.sh lmdeploy SETTINGS     # scripts/gpu_lmdeploy.py on the 7b model
 #   bash scripts/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model (REPEATS=3)
 #   bash scripts/device_run.sh bench-internlm2 SETTINGS  # the same on InternLM2-7B shapes
 #   bash scripts/device_run.sh short                 # scripts/gpu_short_answers.py on the 7b model
-#   bash scripts/device_run.sh overhead [--kit-only] # the kit's server against lmdeploy api_server
+#   bash scripts/device_run.sh overhead [ARGS]       # gpu_overhead.py: the kit's server against lmdeploy
+#                                                    # api_server (MODEL=DIR, default the 7b Llama)
 #   bash scripts/device_run.sh tp                    # engine.tp 1 against 2 (needs 2 GPUs)
 #   bash scripts/device_run.sh internlm2 [BACKEND]   # InternLM2-shaped checkpoints through the kit
 #   bash scripts/device_run.sh flagship [RECIPES] [BACKENDS]  # scripts/gpu_flagship.py: the InternLM2
 #                                                    # recipes built, gated and served on InternLM2-7B shapes
 #   bash scripts/device_run.sh logits               # scripts/gpu_logits.py and gpu_internlm2_logits.py (PyTorch engine)
-#   bash scripts/device_run.sh coldstart BACKEND     # scripts/cold_start.py, 3 runs, InternLM2-7B shapes
+#   bash scripts/device_run.sh kvlogits [MODEL NAME]  # scripts/gpu_logits.py with KV none, int8, int4 (KVS)
+#   bash scripts/device_run.sh coldstart BACKEND [BASELINE]  # scripts/cold_start.py, 3 runs, InternLM2-7B
+#                                                    # shapes; with BASELINE (a kit checkout) 3 runs of each, alternated
 #   bash scripts/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
 #   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
 #   bash scripts/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
@@ -49,7 +52,7 @@ case "${1:-setup}" in
            [ -f "$small/config.json" ] || python3 scripts/make_random_internlm2.py "$small" .device/tok32k \
              --size small --modeling >/dev/null
            XLAB_GPU_TEST_MODEL=$(model tiny) XLAB_GPU_TEST_INTERNLM2=$small python3 -m pytest -q \
-             -p no:cacheprovider tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py ;;
+             -p no:cacheprovider -rs tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py "${@:2}" ;;
   gate) model tiny >/dev/null
         # GPU memory every 200 ms while the build runs: the gate's peak, one engine at a time.
         nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 200 \
@@ -83,7 +86,7 @@ case "${1:-setup}" in
          [ $status = 0 ] || tail -c 3000 "/tmp/$1-gpu"/logs/*.log
          exit $status ;;
   short) python3 scripts/gpu_short_answers.py --model "$(model 7b)" --out "$OUT" ;;
-  overhead) python3 scripts/gpu_overhead.py --model "$(model 7b)" --out /tmp/overhead ${2:-}
+  overhead) python3 scripts/gpu_overhead.py --model "${MODEL:-$(model 7b)}" --out /tmp/overhead ${@:2}
             cp /tmp/overhead/overhead.json /tmp/overhead/*.log "$OUT"/ ;;
   tp) status=0
       python3 scripts/gpu_tp.py --model "$(model 7b)" --out /tmp/tp || status=$?
@@ -111,12 +114,42 @@ case "${1:-setup}" in
           python3 scripts/gpu_logits.py --model "${2:-$MODELS/internlm2-small-gqa}" --kv int8 \
             --out "$OUT/logits-answers.json" || status=$?
           exit $status ;;
+  kvlogits) status=0  # scripts/gpu_logits.py per KV cache setting (KVS), on MODEL (default the small InternLM2)
+            small=$MODELS/internlm2-small-gqa
+            [ -f "$small/config.json" ] || python3 scripts/make_random_internlm2.py "$small" .device/tok32k \
+              --size small --modeling >/dev/null
+            for kv in ${KVS:-none int8 int4}; do
+              python3 scripts/gpu_logits.py --model "${2:-$small}" --kv "$kv" \
+                --out "$OUT/logits-answers-${3:-small}-kv$kv.json" > "/tmp/kvlogits-$kv.log" 2>&1 || status=$?
+            done
+            exit $status ;;
   coldstart) backend=${2:-lmdeploy-turbomind}
              weights=$MODELS/internlm2-7b
              [ -f "$weights/config.json" ] || python3 scripts/make_random_internlm2.py "$weights" .device/tok32k --size 7b
              printf 'name: cold-%s\nmodel:\n  source: local\n  path: %s\nengine:\n  backend: %s\n  dtype: float16\n  session_len: 4096\n  max_batch_size: 64\n  cache_max_entry_count: 0.2\nserve:\n  mode: api\n' \
                "$backend" "$weights" "$backend" > "/tmp/cold-$backend.yaml"
-             python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 3 --json "$OUT/cold-$backend.json" ;;
+             rm -rf /tmp/cold-pack && mkdir -p /tmp/cold-pack
+             if [ -z "${3:-}" ]; then
+               python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 3 --json "$OUT/cold-$backend.json" \
+                 --logs "/tmp/cold-pack/$backend"
+             else
+             # Against a baseline checkout of the kit ($3, e.g. `git archive` of an older commit carried
+             # in .device/): runs alternate, and both skip LMDeploy's environment check, as the kit
+             # does on a machine where it passed once.
+             for i in 1 2 3; do
+               for side in baseline current; do
+                 code=$PWD; [ $side = current ] || code=$3
+                 LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 1 \
+                   --code "$code" --json "/tmp/cold-pack/cold-$backend-$side-$i.json" --logs "/tmp/cold-pack/$side-$i"
+               done
+             done
+             fi
+             # Each log cut to the kit's own phase lines, then its last 8 kB.
+             for f in /tmp/cold-pack/*.log; do
+               { grep -a ' deploy\.' "$f" | cut -c1-400; echo '--- last 8 kB:'; tail -c 8000 "$f"; } > "$f.cut"
+               mv "$f.cut" "$f"
+             done
+             tar czf "$OUT/coldstart.tgz" -C /tmp/cold-pack . ;;
   tune) model 7b >/dev/null
         status=0
         python3 -m deploy tune scripts/device/llama7b-random-tune.yaml --sessions 16 --gpu "${3:-A10}" \
