@@ -25,6 +25,10 @@ def _dies(conn, code):
     raise SystemExit(code)
 
 
+def _publishes_forever(conn, model_path, engine_kwargs, trust_remote_code):
+    _publishes(conn, 43118)
+
+
 def _spawn(target, arg) -> engine_process.EngineProcess:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -32,6 +36,19 @@ def _spawn(target, arg) -> engine_process.EngineProcess:
     proc.start()
     sender.close()
     return engine_process.EngineProcess(proc, receiver)
+
+
+EXITS_BEFORE_ADOPTING = """
+import sys, time
+from pathlib import Path
+from deploy.engines import engine_process
+sys.path.insert(0, sys.argv[1])
+import test_engine_process as t
+engine_process._child = t._publishes_forever
+process = engine_process.start(Path("/nonexistent"), {}, False)
+print(process.proc.pid, flush=True)
+raise SystemExit(3)  # the server fails before LMDeploy's client adopts the engine
+"""
 
 
 def test_the_parent_reads_the_port_the_child_publishes_and_stop_ends_it():
@@ -52,3 +69,27 @@ def test_a_child_that_dies_before_it_listens_is_reported_with_its_exit_code():
     with pytest.raises(RuntimeError, match=r"not alive: it exited with code 3"):
         process.port()
     process.stop()  # a no-op on a dead process
+
+
+def test_a_parent_that_exits_before_adopting_ends_the_engine_process():
+    """Without the kit's exit handler, multiprocessing's own would wait at exit for an engine
+    process that serves forever: the server would hang instead of exiting."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run([sys.executable, "-c", EXITS_BEFORE_ADOPTING, str(tests)], cwd=tests.parent,
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 3, run.stderr
+    pid = int(run.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail("the engine process outlived its parent")

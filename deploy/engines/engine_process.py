@@ -13,6 +13,7 @@ building it here would import torch before the spawn.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -47,8 +48,15 @@ class EngineProcess:
                     "before it listened.")
         return self._port
 
+    def adopted(self) -> None:
+        """LMDeploy's client owns the process from here: its close() ends it, at exit too."""
+        atexit.unregister(self.stop)
+        self._conn.close()
+
     def stop(self) -> None:
-        """End the process: for a parent that fails before it adopts it."""
+        """End the process: for a parent that fails, or exits, before it adopts it. Without this,
+        multiprocessing's own exit handler would wait for the engine, which never ends by itself."""
+        atexit.unregister(self.stop)
         if self.proc.is_alive():
             self.proc.terminate()
             self.proc.join(10)
@@ -68,7 +76,9 @@ def start(model_path: Path, engine_kwargs: dict, trust_remote_code: bool) -> Eng
     sender.close()
     log.info("LMDeploy engine process started early (pid %d, %.2fs)", proc.pid,
              time.perf_counter() - started)
-    return EngineProcess(proc, receiver)
+    process = EngineProcess(proc, receiver)
+    atexit.register(process.stop)
+    return process
 
 
 def async_engine_class(process: EngineProcess):
@@ -81,6 +91,7 @@ def async_engine_class(process: EngineProcess):
         def _start_mp_proc(self, model_path, engine_config=None, speculative_config=None, **kwargs):
             self.proc = process.proc
             self.port = process.port()
+            process.adopted()
 
     class AdoptingAsyncEngine(AsyncEngine):
         def _build_pytorch(self, model_path, backend_config=None, speculative_config=None,
