@@ -29,6 +29,26 @@ def assistant(recipe):
         yield loaded
 
 
+@pytest.fixture(scope="session")
+def nan_logits_engine(assistant):
+    """The real bundled engine, answering as it does, with every logit NaN: how LMDeploy 0.18's
+    PyTorch engine scores with a quantized KV cache (H100, docs/data/gpu-2026-11-26-kv-logits/)."""
+    import torch
+
+    engine = assistant.engine
+
+    class NaNLogits:
+        name = "lmdeploy-pytorch"
+
+        def __getattr__(self, attr):
+            return getattr(engine, attr)
+
+        async def prompt_logits(self, token_ids):
+            return [torch.full_like(t, float("nan")) for t in await engine.prompt_logits(token_ids)]
+
+    return NaNLogits()
+
+
 # The kit's own in-thread server, under the name the tests use.
 LiveServer = ServerThread
 

@@ -77,3 +77,26 @@ def test_lmdeploy_settings_on_cpu_are_refused_clearly():
                           "--settings", "lmdeploy-fp16", "--out", "/tmp/never"], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "need LMDeploy and an NVIDIA GPU" in run.stderr
+
+
+def test_a_setting_with_nan_logits_is_reported_as_not_scored(recipe, assistant, nan_logits_engine):
+    """The benchmark's quality pass on NaN logits (LMDeploy's PyTorch engine with a quantized KV
+    cache): no agreement and no KL, with the reason, rather than a top-1 of 0; the other settings
+    still score against a sound reference, and a reference that cannot record says so onwards."""
+    import asyncio
+
+    from deploy.bench.worker import _quality
+    from deploy.recipe.tasks import load_tasks
+    from deploy.serve.assistant import Assistant
+
+    tasks = load_tasks(None, 2)
+    broken = Assistant(recipe, nan_logits_engine)
+    sound, record = asyncio.run(_quality(assistant, tasks, 8, None))
+    assert sound["top1_agreement"] is not None and "not_scored" not in sound
+    nan, _ = asyncio.run(_quality(broken, tasks, 8, record))
+    assert nan["top1_agreement"] is None and nan["mean_kl"] is None
+    assert "returned NaN logits" in nan["not_scored"] and all(a["answer"] for a in nan["answers"])
+    as_reference, no_record = asyncio.run(_quality(broken, tasks, 8, None))
+    assert no_record["rows"] == [] and "returned NaN logits" in no_record["not_scored"]
+    after, _ = asyncio.run(_quality(assistant, tasks, 8, no_record))
+    assert after["top1_agreement"] is None and "reference setting has no record" in after["not_scored"]

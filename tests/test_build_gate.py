@@ -206,15 +206,13 @@ def test_kl_ignores_tokens_the_reference_rules_out():
     assert math.isnan(agreement(p, torch.full_like(q, float("nan")))[1])
 
 
-def test_nan_logits_are_not_scored_as_disagreement(assistant, tmp_path):
+def test_nan_logits_are_not_scored_as_disagreement(assistant, nan_logits_engine, tmp_path):
     """LMDeploy's PyTorch engine with a quantized KV cache returns NaN for every logit while it
     answers whole (H100, docs/data/gpu-2026-11-26-kv-logits/). Here the real bundled model stands
     for it, its logits turned to NaN: the gate says it could not score, and how to go on, instead of
     reporting a top-1 agreement of 0."""
     import asyncio
     import json
-
-    import torch
 
     from deploy.build.gate import UnscorableLogits, compare_with, reference_rows
     from deploy.build.pipeline import _unscored
@@ -224,19 +222,10 @@ def test_nan_logits_are_not_scored_as_disagreement(assistant, tmp_path):
     engine = assistant.engine
     tasks = load_tasks(None, 2)
 
-    class NaNLogits:  # the real engine, answering as it does, with NaN logits
-        name = "lmdeploy-pytorch"
-
-        def __getattr__(self, attr):
-            return getattr(engine, attr)
-
-        async def prompt_logits(self, token_ids):
-            return [torch.full_like(t, float("nan")) for t in await engine.prompt_logits(token_ids)]
-
     async def gate():
         rows = await reference_rows(engine, engine.tokenizer, tasks, 8)
         assert await compare_with(engine, rows, tasks, 8)  # the real logits score
-        return await compare_with(NaNLogits(), rows, tasks, 8)
+        return await compare_with(nan_logits_engine, rows, tasks, 8)
 
     with pytest.raises(UnscorableLogits, match=r"lmdeploy-pytorch engine returned NaN logits at \d+ of"):
         asyncio.run(gate())

@@ -73,27 +73,30 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
         answers.append(answer.text)
         if task.reference:
             scores.append(score(answer.text, task.reference))
-    if reference is None:  # this is the reference: record its sequences and distributions
-        for task, text in zip(tasks, answers, strict=True):
-            prompt = encode_chat(engine.tokenizer, assistant.messages(task.messages()))
-            ids = prompt + (engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-                            or [engine.tokenizer.eos_token_id])
-            logits = scorable((await engine.prompt_logits([ids]))[0], engine)
-            rows.append({"ids": ids, "start": len(prompt) - 1,
-                         "logprobs": torch.log_softmax(logits[len(prompt) - 1:len(ids) - 1], -1).half()})
-    against = reference["rows"] if reference is not None else rows
     agree = positions = 0
     kl = 0.0
     unscored = None
-    try:
-        for row in against:
+    try:  # NaN logits anywhere give no numbers, rather than a top-1 of 0
+        if reference is None:  # this is the reference: record its sequences and distributions
+            for task, text in zip(tasks, answers, strict=True):
+                prompt = encode_chat(engine.tokenizer, assistant.messages(task.messages()))
+                ids = prompt + (engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+                                or [engine.tokenizer.eos_token_id])
+                logits = scorable((await engine.prompt_logits([ids]))[0], engine)
+                rows.append({"ids": ids, "start": len(prompt) - 1, "logprobs": torch.log_softmax(
+                    logits[len(prompt) - 1:len(ids) - 1], -1).half()})
+        elif reference.get("not_scored"):
+            raise UnscorableLogits(f"the reference setting has no record: {reference['not_scored']}")
+        for row in reference["rows"] if reference is not None else rows:
             logits = scorable((await engine.prompt_logits([row["ids"]]))[0], engine)
             q = torch.log_softmax(logits[row["start"]:len(row["ids"]) - 1].float(), -1)
             matched, row_kl, count = agreement(row["logprobs"], q)
             agree, kl, positions = agree + matched, kl + row_kl, positions + count
-    except UnscorableLogits as exc:  # no numbers rather than a top-1 of 0 from NaN
+    except UnscorableLogits as exc:
         agree = positions = 0
         unscored = str(exc)
+        if reference is None and len(rows) < len(tasks):  # the record itself is incomplete
+            rows = []
     quality = {
         "prompts": len(tasks),
         "top1_agreement": agree / positions if positions else None,
@@ -105,7 +108,7 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
            if scores},
         "answers": [{"prompt": t.prompt, "answer": a} for t, a in zip(tasks, answers, strict=True)],
     }
-    return quality, {"rows": rows}
+    return quality, {"rows": rows, **({"not_scored": unscored} if unscored and not rows else {})}
 
 
 def measure(spec: dict) -> dict:
