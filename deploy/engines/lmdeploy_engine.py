@@ -222,15 +222,9 @@ class LMDeployEngine(Engine):
         if early is not None:
             AsyncEngine = engine_process.async_engine_class(early)  # noqa: N806
         log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
-        started = time.perf_counter()
         self.tokenizer = load_tokenizer(self.model_dir, config.chat_template, trust)
-        # Timed apart: on the H100 this phase took 6-9 s, where this CPU loads the same
-        # tokenizer in 0.6 s with its imports (docs/benchmarks.md, TurboMind's start).
-        log.info("tokenizer loaded (%.1fs)", time.perf_counter() - started)
-        started = time.perf_counter()
         self.config = lmdeploy_config(config, self.model_config, self.model_dir)
-        log.info("LMDeploy %s config (%.1fs): %s", config.backend, time.perf_counter() - started,
-                 self.config)
+        log.info("LMDeploy %s config: %s", config.backend, self.config)
         started = time.perf_counter()
         if turbomind:  # its KV budget is logged at INFO only, and little else is (native_log.py)
             os.environ.setdefault("TM_LOG_LEVEL", "INFO")
