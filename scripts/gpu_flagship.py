@@ -18,7 +18,9 @@ For each of recipes/internlm2-chat-7b-{NAME}.yaml and each backend, a copy of th
 - the gate's thresholds at 0: on random weights agreement means nothing. The measured agreement
   and KL are recorded.
 Then `deploy build` with nvidia-smi sampling GPU memory every 200 ms (the build's peak), and
-`deploy serve`: ready time, one answer through the official openai client, and GET /memory.
+`deploy serve`: ready time, one answer through the official openai client, and GET /memory. A
+build whose gate could not score the candidate (NaN logits) is served with `--force`, the way on
+its message gives.
 Writes OUT/flagship.json, each recipe, the build and serve logs, and the memory traces.
 """
 
@@ -125,8 +127,14 @@ def main() -> None:
             entry = {"recipe": name, "backend": backend, "kv_cache_gib": kv_gib,
                      "plan_a10_unquantized": a10_fp16, "plan_a10": plan(recipe, "A10"),
                      "build": build(recipe, args.out, tag), "steps": manifest_steps(data["name"])}
+            verify = entry["steps"].get("verify", {}).get("outputs") or {}
             if entry["build"]["exit_code"] == 0:
                 entry["serve"] = serve_and_ask(recipe, args.out / f"{tag}-serve.log", data["name"])
+            elif verify.get("passed") is False and verify.get("top1_agreement") is None:
+                # The gate could not score (NaN logits): served as its message says, with --force.
+                entry["serve"] = serve_and_ask(recipe, args.out / f"{tag}-serve.log", data["name"],
+                                               force=True)
+                entry["serve"]["forced"] = True
             results.append(entry)
             print(tag, "build", entry["build"], "ready", entry.get("serve", {}).get("ready_s"), flush=True)
             report.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": str(args.model),

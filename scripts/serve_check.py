@@ -18,12 +18,13 @@ from deploy.serve.ports import free_port  # noqa: E402
 
 
 def serve_and_ask(recipe: Path, log_path: Path, model_name: str, env: dict | None = None,
-                  limit_s: float = 300) -> dict:
+                  limit_s: float = 300, force: bool = False) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     with log_path.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port)],
+        server = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port),
+                                   *(["--force"] if force else [])],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         result: dict = {}

@@ -33,9 +33,12 @@ def assistant(recipe):
 def nan_logits_engine(assistant):
     """The real bundled engine, answering as it does, with every logit NaN: how LMDeploy 0.18's
     PyTorch engine scores with a quantized KV cache (H100, docs/data/gpu-2026-11-26-kv-logits/)."""
-    import torch
+    return nan_logits(assistant.engine)
 
-    engine = assistant.engine
+
+def nan_logits(engine):
+    """`engine` as it is, but every logit it returns is NaN (see nan_logits_engine)."""
+    import torch
 
     class NaNLogits:
         name = "lmdeploy-pytorch"

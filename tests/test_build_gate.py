@@ -118,6 +118,42 @@ def test_unbuilt_or_unchecked_weights_are_refused_and_the_gate_can_be_switched_o
     check_gate(recipe)  # the recipe's own, explicit opt-out
 
 
+def test_a_gate_that_could_not_score_refuses_with_its_reason_and_force_serves(recipe_file,
+                                                                              monkeypatch):
+    """A real CPU build whose candidate returns NaN logits, as LMDeploy's PyTorch engine does with a
+    quantized KV cache: the gate fails without a score, serving refuses with a sentence naming why
+    and what to do (it once crashed formatting the missing score), and --force serves the weights."""
+    from conftest import nan_logits
+
+    import deploy.engines
+    from deploy.build.manifest import built_model_dir
+    from deploy.build.pipeline import QualityGateError, build
+
+    path = fresh(recipe_file("gate-unscored", 32, prompts=2))
+    recipe = load_recipe(path)
+    loads = []
+    real_load = deploy.engines.load_engine
+
+    def load(config, folder):  # the reference loads first, then the candidate
+        loads.append(folder)
+        engine = real_load(config, folder)
+        return nan_logits(engine) if len(loads) == 2 else engine
+
+    monkeypatch.setattr(deploy.engines, "load_engine", load)
+    with pytest.raises(QualityGateError, match="could not score the quantized model"):
+        build(recipe)
+    assert len(loads) == 2
+    verify = read_manifest(recipe)["steps"]["verify"]["outputs"]
+    assert verify["passed"] is False and verify["top1_agreement"] is None
+    assert "NaN logits" in verify["reason"]
+
+    refused = kit("serve", str(path), "--port", "0")
+    assert refused.returncode == 6, refused.stderr
+    assert "could not be scored by the quality gate" in refused.stderr and "NaN logits" in refused.stderr
+    assert "--force" in refused.stderr and "Traceback" not in refused.stderr
+    assert built_model_dir(recipe, force=True) == Path(loads[1])  # the quantized weights, served
+
+
 def test_a_second_build_of_the_same_recipe_is_locked_out(recipe_file):
     from filelock import FileLock
 

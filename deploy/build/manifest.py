@@ -82,6 +82,13 @@ def check_gate(recipe: Recipe, *, force: bool = False) -> None:
     if verify is None or verify["inputs"].get("quantized_fingerprints") != quantize["fingerprints"]:
         problem = "were never checked by the quality gate"
         fix = "Run `python -m deploy build RECIPE` to run the gate"
+    elif not verify["outputs"].get("passed") and verify["outputs"].get("top1_agreement") is None:
+        # The gate ran but could not score (pipeline._unscored: the candidate's logits were NaN).
+        out = verify["outputs"]
+        problem = (f"could not be scored by the quality gate ({out.get('reason', 'no reason recorded')}; "
+                   f"report: {out['report']})")
+        fix = ("Build them on an engine whose logits can be scored: engine.backend: "
+               "lmdeploy-turbomind, or auto where TurboMind loads")
     elif not verify["outputs"].get("passed"):
         out, gate = verify["outputs"], recipe.quantization.verify
         problem = (f"failed the quality gate (top-1 agreement {out['top1_agreement']:.3f}, at least "

@@ -315,8 +315,8 @@ def _unscored(work: Path, config, exc: Exception) -> dict:
     message = (f"{why} Set engine.backend: lmdeploy-turbomind (or auto, which picks TurboMind where "
                "it loads) and build again, or serve these weights unverified with `deploy serve --force`.")
     write_json(work / "verify.json", {"scored": False, "reason": str(exc)})
-    return {"passed": False, "message": message, "top1_agreement": None, "mean_kl": None,
-            "positions": 0, "report": str(work / "verify.json")}
+    return {"passed": False, "message": message, "reason": str(exc), "top1_agreement": None,
+            "mean_kl": None, "positions": 0, "report": str(work / "verify.json")}
 
 
 def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool,
