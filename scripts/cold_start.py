@@ -55,6 +55,8 @@ def one_run(recipe: Path, code: Path, log_path: Path) -> dict:
                 status = None
             if status == "ok":
                 break
+            if status == "failed":  # the server stays up to say so; the model will not load
+                raise RuntimeError(log_path.read_text()[-3000:])
             time.sleep(0.05)
         ready = time.perf_counter() - started
         body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,

@@ -15,8 +15,12 @@
 #                                                    # recipes built, gated and served on InternLM2-7B shapes
 #   bash scripts/device_run.sh logits               # scripts/gpu_logits.py and gpu_internlm2_logits.py (PyTorch engine)
 #   bash scripts/device_run.sh kvlogits [MODEL NAME]  # scripts/gpu_logits.py with KV none, int8, int4 (KVS)
+#   bash scripts/device_run.sh profile [BACKEND]     # scripts/profile_engine_start.py: the server process's
+#                                                    # start-up steps, timed and profiled, plus -X importtime
 #   bash scripts/device_run.sh coldstart BACKEND [BASELINE]  # scripts/cold_start.py, 3 runs, InternLM2-7B
 #                                                    # shapes; with BASELINE (a kit checkout) 3 runs of each, alternated
+#   bash scripts/device_run.sh coldstart-tf BACKEND  # the same, the machine's transformers against
+#                                                    # .device/tfwhl's (a newer one), alternated
 #   bash scripts/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
 #   bash scripts/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
 #   bash scripts/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
@@ -123,13 +127,46 @@ case "${1:-setup}" in
                 --out "$OUT/logits-answers-${3:-small}-kv$kv.json" > "/tmp/kvlogits-$kv.log" 2>&1 || status=$?
             done
             exit $status ;;
-  coldstart) backend=${2:-lmdeploy-turbomind}
+  profile) tiny=$MODELS/internlm2-tiny  # config and tokenizer are all the steps read
+           [ -f "$tiny/config.json" ] || python3 scripts/make_random_internlm2.py "$tiny" .device/tok32k --size tiny >/dev/null
+           python3 -X importtime scripts/profile_engine_start.py "$tiny" --backend "${2:-lmdeploy-turbomind}" \
+             --out /tmp/profile-start 2> /tmp/importtime.txt
+           # -X importtime's lines, the 60 costliest by cumulative microseconds.
+           grep '^import time:' /tmp/importtime.txt | sort -t'|' -k2 -n -r > /tmp/importtime-sorted.txt
+           head -60 /tmp/importtime-sorted.txt > /tmp/profile-start/importtime-top.txt
+           tar czf "$OUT/profile-start.tgz" -C /tmp/profile-start . ;;
+  coldstart|coldstart-tf)
+             backend=${2:-lmdeploy-turbomind}
              weights=$MODELS/internlm2-7b
              [ -f "$weights/config.json" ] || python3 scripts/make_random_internlm2.py "$weights" .device/tok32k --size 7b
              printf 'name: cold-%s\nmodel:\n  source: local\n  path: %s\nengine:\n  backend: %s\n  dtype: float16\n  session_len: 4096\n  max_batch_size: 64\n  cache_max_entry_count: 0.2\nserve:\n  mode: api\n' \
                "$backend" "$weights" "$backend" > "/tmp/cold-$backend.yaml"
              rm -rf /tmp/cold-pack && mkdir -p /tmp/cold-pack
-             if [ -z "${3:-}" ]; then
+             if [ "$1" = coldstart-tf ]; then
+             # The machine's transformers against the wheels in .device/tfwhl (a newer transformers and the
+             # tokenizers, safetensors and regex it needs; not huggingface_hub 2, which needs httpx2), installed apart in /tmp/site-tf and put first on PYTHONPATH for its
+             # side. One discarded start first, then 3 of each, alternated.
+             [ -d /tmp/site-tf/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+               --target /tmp/site-tf .device/tfwhl/*.whl
+             for side in machine wheels; do
+               pp=$PYTHONPATH; [ $side = machine ] || pp=/tmp/site-tf:$PYTHONPATH
+               PYTHONPATH=$pp python3 -c "import transformers, tokenizers, huggingface_hub as h; print('$side', transformers.__version__, tokenizers.__version__, h.__version__)" || echo "$side: import failed"
+             done | tee /tmp/cold-pack/versions.txt
+             LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 1 \
+               --json /tmp/cold-pack/discarded.json --logs /tmp/cold-pack/discarded
+             for i in 1 2 3; do
+               for side in machine wheels; do
+                 pp=$PYTHONPATH; [ $side = machine ] || pp=/tmp/site-tf:$PYTHONPATH
+                 PYTHONPATH=$pp LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" \
+                   --runs 1 --json "/tmp/cold-pack/cold-$backend-$side-$i.json" --logs "/tmp/cold-pack/$side-$i"
+               done
+             done
+             # The server process's steps under the newer transformers (`profile` above, on the machine's).
+             tiny=$MODELS/internlm2-tiny
+             [ -f "$tiny/config.json" ] || python3 scripts/make_random_internlm2.py "$tiny" .device/tok32k --size tiny >/dev/null
+             PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 scripts/profile_engine_start.py "$tiny" --backend "$backend" \
+               --out /tmp/cold-pack/profile-wheels > /dev/null 2>&1 || echo "profile under the wheels failed"
+             elif [ -z "${3:-}" ]; then
                python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 3 --json "$OUT/cold-$backend.json" \
                  --logs "/tmp/cold-pack/$backend"
              else
