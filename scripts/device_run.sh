@@ -15,6 +15,7 @@
 #                                                    # recipes built, gated and served on InternLM2-7B shapes
 #   bash scripts/device_run.sh logits               # scripts/gpu_logits.py and gpu_internlm2_logits.py (PyTorch engine)
 #   bash scripts/device_run.sh kvlogits [MODEL NAME]  # scripts/gpu_logits.py with KV none, int8, int4 (KVS)
+#   bash scripts/device_run.sh chatlogits             # scripts/gpu_chat_logits.py on InternLM2-7B shapes
 #   bash scripts/device_run.sh profile [BACKEND]     # scripts/profile_engine_start.py: the server process's
 #                                                    # start-up steps, timed and profiled, plus -X importtime
 #   bash scripts/device_run.sh coldstart BACKEND [BASELINE]  # scripts/cold_start.py, 3 runs, InternLM2-7B
@@ -127,6 +128,7 @@ case "${1:-setup}" in
                 --out "$OUT/logits-answers-${3:-small}-kv$kv.json" > "/tmp/kvlogits-$kv.log" 2>&1 || status=$?
             done
             exit $status ;;
+  chatlogits) python3 scripts/gpu_chat_logits.py --model "$(internlm2_code)" --out "$OUT/chat-logits-7b.json" ;;
   profile) tiny=$MODELS/internlm2-tiny  # config and tokenizer are all the steps read
            [ -f "$tiny/config.json" ] || python3 scripts/make_random_internlm2.py "$tiny" .device/tok32k --size tiny >/dev/null
            python3 -X importtime scripts/profile_engine_start.py "$tiny" --backend "${2:-lmdeploy-turbomind}" \

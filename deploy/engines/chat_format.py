@@ -45,3 +45,18 @@ def eos_ids(model_dir: Path, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def pad_token_in_prompts(model_config: dict, tokenizer) -> str | None:
+    """The pad token's text where this model's chat prompts contain its `pad_token_id`, else None.
+    LMDeploy 0.18's PyTorch engine zeroes the embedding row of `pad_token_id` when it loads the
+    weights (lmdeploy/pytorch/nn/embedding.py, `weight_loader`); TurboMind and transformers keep
+    the row as stored. Where the template emits that token, the engine reads every prompt
+    differently (H100: 36% next-token agreement with transformers on such prompts, 99% with the
+    token swapped out; docs/data/gpu-2026-11-26-chat-logits/)."""
+    pad = model_config.get("pad_token_id")
+    if pad is None:
+        return None
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Thanks"}]
+    return tokenizer.convert_ids_to_tokens(pad) if pad in encode_chat(tokenizer, turns) else None

@@ -29,7 +29,7 @@ from deploy.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
-from deploy.engines.chat_format import eos_ids, load_tokenizer
+from deploy.engines.chat_format import eos_ids, load_tokenizer, pad_token_in_prompts
 from deploy.engines.config import EngineConfig
 from deploy.engines.native_log import tee_stderr, turbomind_cache_budget, turbomind_warmups_too_long
 from deploy.engines.rope_compat import model_dir_for_lmdeploy
@@ -208,6 +208,12 @@ class LMDeployEngine(Engine):
             checked.parent.mkdir(parents=True, exist_ok=True)
             checked.touch()
         self.stop_ids = eos_ids(self.model_dir, self.tokenizer)
+        if not turbomind and (pad := pad_token_in_prompts(self.model_config, self.tokenizer)):
+            log.warning("This model's chat prompts contain its pad token %r (pad_token_id %s), whose "
+                        "embedding LMDeploy's PyTorch engine sets to zero on load: its answers can "
+                        "differ from the checkpoint's. Use engine.backend: lmdeploy-turbomind, or set "
+                        "pad_token_id in config.json to a token the template never emits.",
+                        pad, self.model_config["pad_token_id"])
         self.session_len = self._engine.session_len
         self._loop: asyncio.AbstractEventLoop | None = None
 
