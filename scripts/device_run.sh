@@ -51,12 +51,14 @@ internlm2_code() {  # InternLM2-7B shapes carrying the project's transformers co
     "$MODELS/internlm2-7b-code" .device/tok32k --size 7b --modeling >/dev/null
   echo "$MODELS/internlm2-7b-code"
 }
+internlm2_small() {  # small InternLM2 shapes with the project's code (also made by gpu_internlm2_logits.py)
+  [ -f "$MODELS/internlm2-small-gqa/config.json" ] || python3 scripts/make_random_internlm2.py \
+    "$MODELS/internlm2-small-gqa" .device/tok32k --size small --modeling >/dev/null
+  echo "$MODELS/internlm2-small-gqa"
+}
 case "${1:-setup}" in
   setup) nvidia-smi -L; model tiny; model 7b ;;
-  gputest) small=$MODELS/internlm2-small-gqa  # also made by gpu_internlm2_logits.py
-           [ -f "$small/config.json" ] || python3 scripts/make_random_internlm2.py "$small" .device/tok32k \
-             --size small --modeling >/dev/null
-           XLAB_GPU_TEST_MODEL=$(model tiny) XLAB_GPU_TEST_INTERNLM2=$small python3 -m pytest -q \
+  gputest) XLAB_GPU_TEST_MODEL=$(model tiny) XLAB_GPU_TEST_INTERNLM2=$(internlm2_small) python3 -m pytest -q \
              -p no:cacheprovider -rs tests/test_lmdeploy_gpu.py tests/test_lmdeploy_config.py "${@:2}" ;;
   gate) model tiny >/dev/null
         # GPU memory every 200 ms while the build runs: the gate's peak, one engine at a time.
@@ -120,9 +122,7 @@ case "${1:-setup}" in
             --out "$OUT/logits-answers.json" || status=$?
           exit $status ;;
   kvlogits) status=0  # scripts/gpu_logits.py per KV cache setting (KVS), on MODEL (default the small InternLM2)
-            small=$MODELS/internlm2-small-gqa
-            [ -f "$small/config.json" ] || python3 scripts/make_random_internlm2.py "$small" .device/tok32k \
-              --size small --modeling >/dev/null
+            small=$(internlm2_small)
             for kv in ${KVS:-none int8 int4}; do
               python3 scripts/gpu_logits.py --model "${2:-$small}" --kv "$kv" \
                 --out "$OUT/logits-answers-${3:-small}-kv$kv.json" > "/tmp/kvlogits-$kv.log" 2>&1 || status=$?

@@ -151,10 +151,15 @@ def kv_blocks_for(gib: float, model_config: dict, kv_cache: str, tp: int = 1) ->
     return blocks
 
 
-def lmdeploy_config(config: EngineConfig, model_config: dict, model_dir: Path):
+def lmdeploy_config(config: EngineConfig, model_config: dict, model_dir: Path,
+                    kwargs: dict | None = None):
+    """LMDeploy's engine config; `kwargs` are engine_config_kwargs' already worked out (the
+    PyTorch engine's, which its early process was started with)."""
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
     turbomind = config.backend == "lmdeploy-turbomind"
+    if kwargs is not None:
+        return (TurbomindEngineConfig if turbomind else PytorchEngineConfig)(**kwargs)
     free = None
     if turbomind and config.kv_cache_gib is not None:
         import torch
@@ -190,7 +195,7 @@ class LMDeployEngine(Engine):
             # docs/data/gpu-2026-11-26-gputest/). Refused rather than served wrong.
             self.supports = self.supports - {"logprobs"}
         served = self.model_dir
-        early = checked = None
+        early = checked = kwargs = None
         if not turbomind:
             served = model_dir_for_lmdeploy(self.model_dir, self.model_config)
             kwargs = engine_config_kwargs(config, self.model_config)
@@ -199,7 +204,7 @@ class LMDeployEngine(Engine):
             if config.tp == 1:  # tp workers start from the engine process; not tried early
                 early = engine_process.start(served, kwargs, trust)
         try:
-            self._start(config, served, early, turbomind)
+            self._start(config, served, early, turbomind, kwargs)
         except BaseException:
             if early is not None:
                 early.stop()
@@ -218,7 +223,7 @@ class LMDeployEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _start(self, config: EngineConfig, served: Path, early: engine_process.EngineProcess | None,
-               turbomind: bool) -> None:
+               turbomind: bool, kwargs: dict | None) -> None:
         trust = config.trust_remote_code
         started = time.perf_counter()
         # Imported before the tokenizer loads: both import transformers, and two threads
@@ -229,7 +234,7 @@ class LMDeployEngine(Engine):
             AsyncEngine = engine_process.async_engine_class(early)  # noqa: N806
         log.info("LMDeploy imported (%.1fs)", time.perf_counter() - started)
         self.tokenizer = load_tokenizer(self.model_dir, config.chat_template, trust)
-        self.config = lmdeploy_config(config, self.model_config, self.model_dir)
+        self.config = lmdeploy_config(config, self.model_config, self.model_dir, kwargs)
         log.info("LMDeploy %s config: %s", config.backend, self.config)
         started = time.perf_counter()
         if turbomind:  # its KV budget is logged at INFO only, and little else is (native_log.py)
