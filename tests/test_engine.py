@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_a_pad_token_the_chat_template_emits_is_found(assistant):
     holding it agreed with transformers on 36% of next tokens). The bundled SmolLM2 tokenizer's
     ChatML template emits <|im_end|>, so a pad_token_id naming it is found, and one naming a
     token the template never emits, or none, is not."""
-    from deploy.engines.chat_format import pad_token_in_prompts
+    from deploy.engines.chat_format import encode_chat, pad_token_in_prompts
 
     tokenizer = assistant.engine.tokenizer
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -96,3 +97,8 @@ def test_a_pad_token_the_chat_template_emits_is_found(assistant):
     assert pad_token_in_prompts({"pad_token_id": im_end}, tokenizer) == "<|im_end|>"
     assert pad_token_in_prompts({"pad_token_id": endoftext}, tokenizer) is None
     assert pad_token_in_prompts({}, tokenizer) is None
+    strict = copy.deepcopy(tokenizer)  # a template that refuses the sample conversation
+    strict.chat_template = "{{ raise_exception('only one turn, please') }}"
+    with pytest.raises(Exception, match="only one turn"):
+        encode_chat(strict, QUESTION)
+    assert pad_token_in_prompts({"pad_token_id": im_end}, strict) is None

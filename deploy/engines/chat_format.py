@@ -59,4 +59,8 @@ def pad_token_in_prompts(model_config: dict, tokenizer) -> str | None:
         return None
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
              {"role": "user", "content": "Thanks"}]
-    return tokenizer.convert_ids_to_tokens(pad) if pad in encode_chat(tokenizer, turns) else None
+    try:
+        ids = encode_chat(tokenizer, turns)
+    except Exception:  # a template that refuses this conversation: an advisory check must not stop a start
+        return None
+    return tokenizer.convert_ids_to_tokens(pad) if pad in ids else None
