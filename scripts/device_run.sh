@@ -46,15 +46,18 @@ model() {  # model tiny|7b: build once per machine
   [ -f "$MODELS/$1/config.json" ] || python3 scripts/make_random_llama.py "$1" "$MODELS/$1" .device/tok32k >/dev/null
   echo "$MODELS/$1"
 }
-internlm2_code() {  # InternLM2-7B shapes carrying the project's transformers code (scripts/internlm2_hf)
-  [ -f "$MODELS/internlm2-7b-code/config.json" ] || python3 scripts/make_random_internlm2.py \
-    "$MODELS/internlm2-7b-code" .device/tok32k --size 7b --modeling >/dev/null
-  echo "$MODELS/internlm2-7b-code"
+internlm2_model() {  # internlm2_model NAME MAKER-ARGS...: a random InternLM2 checkpoint, made once per machine
+  [ -f "$MODELS/$1/config.json" ] || python3 scripts/make_random_internlm2.py "$MODELS/$1" .device/tok32k \
+    "${@:2}" >/dev/null
+  echo "$MODELS/$1"
 }
-internlm2_small() {  # small InternLM2 shapes with the project's code (also made by gpu_internlm2_logits.py)
-  [ -f "$MODELS/internlm2-small-gqa/config.json" ] || python3 scripts/make_random_internlm2.py \
-    "$MODELS/internlm2-small-gqa" .device/tok32k --size small --modeling >/dev/null
-  echo "$MODELS/internlm2-small-gqa"
+# InternLM2-7B shapes carrying the project's transformers code (scripts/internlm2_hf), and small ones
+# (the small ones are also made by gpu_internlm2_logits.py).
+internlm2_code() { internlm2_model internlm2-7b-code --size 7b --modeling; }
+internlm2_small() { internlm2_model internlm2-small-gqa --size small --modeling; }
+cold_once() {  # cold_once TAG [CODE] [PYTHONPATH]: one start to the first token, LMDeploy's env check skipped
+  PYTHONPATH=${3:-$PYTHONPATH} LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" \
+    --runs 1 --code "${2:-$PWD}" --json "/tmp/cold-pack/cold-$backend-$1.json" --logs "/tmp/cold-pack/$1"
 }
 case "${1:-setup}" in
   setup) nvidia-smi -L; model tiny; model 7b ;;
@@ -129,8 +132,7 @@ case "${1:-setup}" in
             done
             exit $status ;;
   chatlogits) python3 scripts/gpu_chat_logits.py --model "$(internlm2_code)" --out "$OUT/chat-logits-7b.json" ;;
-  profile) tiny=$MODELS/internlm2-tiny  # config and tokenizer are all the steps read
-           [ -f "$tiny/config.json" ] || python3 scripts/make_random_internlm2.py "$tiny" .device/tok32k --size tiny >/dev/null
+  profile) tiny=$(internlm2_model internlm2-tiny --size tiny)  # config and tokenizer are all the steps read
            python3 -X importtime scripts/profile_engine_start.py "$tiny" --backend "${2:-lmdeploy-turbomind}" \
              --out /tmp/profile-start 2> /tmp/importtime.txt
            # -X importtime's lines, the 60 costliest by cumulative microseconds.
@@ -139,33 +141,28 @@ case "${1:-setup}" in
            tar czf "$OUT/profile-start.tgz" -C /tmp/profile-start . ;;
   coldstart|coldstart-tf)
              backend=${2:-lmdeploy-turbomind}
-             weights=$MODELS/internlm2-7b
-             [ -f "$weights/config.json" ] || python3 scripts/make_random_internlm2.py "$weights" .device/tok32k --size 7b
+             weights=$(internlm2_model internlm2-7b --size 7b)
              printf 'name: cold-%s\nmodel:\n  source: local\n  path: %s\nengine:\n  backend: %s\n  dtype: float16\n  session_len: 4096\n  max_batch_size: 64\n  cache_max_entry_count: 0.2\nserve:\n  mode: api\n' \
                "$backend" "$weights" "$backend" > "/tmp/cold-$backend.yaml"
              rm -rf /tmp/cold-pack && mkdir -p /tmp/cold-pack
              if [ "$1" = coldstart-tf ]; then
              # The machine's transformers against the wheels in .device/tfwhl (a newer transformers and the
-             # tokenizers, safetensors and regex it needs; not huggingface_hub 2, which needs httpx2), installed apart in /tmp/site-tf and put first on PYTHONPATH for its
-             # side. One discarded start first, then 3 of each, alternated.
+             # tokenizers, safetensors and regex it needs; not huggingface_hub 2, which needs httpx2),
+             # installed apart in /tmp/site-tf and put first on PYTHONPATH for its side. One discarded
+             # start first, then 3 of each, alternated.
              [ -d /tmp/site-tf/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile \
                --target /tmp/site-tf .device/tfwhl/*.whl
              for side in machine wheels; do
                pp=$PYTHONPATH; [ $side = machine ] || pp=/tmp/site-tf:$PYTHONPATH
                PYTHONPATH=$pp python3 -c "import transformers, tokenizers, huggingface_hub as h; print('$side', transformers.__version__, tokenizers.__version__, h.__version__)" || echo "$side: import failed"
              done | tee /tmp/cold-pack/versions.txt
-             LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 1 \
-               --json /tmp/cold-pack/discarded.json --logs /tmp/cold-pack/discarded
+             cold_once discarded
              for i in 1 2 3; do
-               for side in machine wheels; do
-                 pp=$PYTHONPATH; [ $side = machine ] || pp=/tmp/site-tf:$PYTHONPATH
-                 PYTHONPATH=$pp LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" \
-                   --runs 1 --json "/tmp/cold-pack/cold-$backend-$side-$i.json" --logs "/tmp/cold-pack/$side-$i"
-               done
+               cold_once "machine-$i"
+               cold_once "wheels-$i" "$PWD" "/tmp/site-tf:$PYTHONPATH"
              done
              # The server process's steps under the newer transformers (`profile` above, on the machine's).
-             tiny=$MODELS/internlm2-tiny
-             [ -f "$tiny/config.json" ] || python3 scripts/make_random_internlm2.py "$tiny" .device/tok32k --size tiny >/dev/null
+             tiny=$(internlm2_model internlm2-tiny --size tiny)
              PYTHONPATH=/tmp/site-tf:$PYTHONPATH python3 scripts/profile_engine_start.py "$tiny" --backend "$backend" \
                --out /tmp/cold-pack/profile-wheels > /dev/null 2>&1 || echo "profile under the wheels failed"
              elif [ -z "${3:-}" ]; then
@@ -176,11 +173,8 @@ case "${1:-setup}" in
              # in .device/): runs alternate, and both skip LMDeploy's environment check, as the kit
              # does on a machine where it passed once.
              for i in 1 2 3; do
-               for side in baseline current; do
-                 code=$PWD; [ $side = current ] || code=$3
-                 LMDEPLOY_ENABLE_CHECK_ENV=0 python3 scripts/cold_start.py "/tmp/cold-$backend.yaml" --runs 1 \
-                   --code "$code" --json "/tmp/cold-pack/cold-$backend-$side-$i.json" --logs "/tmp/cold-pack/$side-$i"
-               done
+               cold_once "baseline-$i" "$3"
+               cold_once "current-$i"
              done
              fi
              # Each log cut to the kit's own phase lines, then its last 8 kB.

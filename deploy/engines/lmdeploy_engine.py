@@ -158,16 +158,15 @@ def lmdeploy_config(config: EngineConfig, model_config: dict, model_dir: Path,
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
     turbomind = config.backend == "lmdeploy-turbomind"
-    if kwargs is not None:
-        return (TurbomindEngineConfig if turbomind else PytorchEngineConfig)(**kwargs)
-    free = None
-    if turbomind and config.kv_cache_gib is not None:
-        import torch
+    if kwargs is None:
+        free = None
+        if turbomind and config.kv_cache_gib is not None:
+            import torch
 
-        free = (torch.cuda.mem_get_info()[0] - _weight_file_bytes(model_dir) // config.tp
-                - TM_RESERVED_BYTES)
-    cls = TurbomindEngineConfig if turbomind else PytorchEngineConfig
-    return cls(**engine_config_kwargs(config, model_config, free))
+            free = (torch.cuda.mem_get_info()[0] - _weight_file_bytes(model_dir) // config.tp
+                    - TM_RESERVED_BYTES)
+        kwargs = engine_config_kwargs(config, model_config, free)
+    return (TurbomindEngineConfig if turbomind else PytorchEngineConfig)(**kwargs)
 
 
 class LMDeployEngine(Engine):
