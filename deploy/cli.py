@@ -13,7 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.build.sources import ModelSourceError
+from deploy import flags
+from deploy.errors import KitError
+from deploy.home import image_dir
 from deploy.recipe import RecipeError, json_schema, load_recipe
 
 log = logging.getLogger("deploy")
@@ -48,7 +50,7 @@ def schema(out: Path | None) -> int:
 def build(recipe: Path, dry_run: bool, overwrite: bool) -> int:
     """Build the recipe's model: fetch, quantize, verify (quality gate), publish. Reruns skip
     finished steps; a killed build resumes."""
-    from deploy.build.pipeline import build as run_build
+    from deploy.builder.pipeline import build as run_build
 
     result = run_build(load_recipe(recipe), publish_dry_run=dry_run, publish_overwrite=overwrite)
     print(f"model ready: {result.model_dir}")
@@ -57,7 +59,7 @@ def build(recipe: Path, dry_run: bool, overwrite: bool) -> int:
 
 def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> int:
     """Predict from config.json alone whether the recipe fits a GPU, and with what KV budget."""
-    from deploy.build.sources import model_config
+    from deploy.builder.sources import model_config
     from deploy.capacity.planner import plan as make_plan
     from deploy.capacity.planner import render
 
@@ -84,7 +86,7 @@ def tune(recipe: Path, gpu: str | None, sessions: int | None, min_top1: float | 
     """Find the best settings for a GPU (or this CPU), a number of sessions and a quality floor:
     the planner prunes the candidates, the benchmark measures the survivors within the budget, and
     the winner is written as a recipe beside a report of every candidate."""
-    from deploy.build.sources import model_config
+    from deploy.builder.sources import model_config
     from deploy.tune import parse_budget
     from deploy.tune import tune as run_tune
 
@@ -120,7 +122,7 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     """Container images from the recipe: write the build context, build it, run it, or write a
     compose file for several replicas behind one proxy (nginx for the CPU image, LMDeploy's for
     the GPU image)."""
-    from deploy.build.manifest import built_model_dir, check_gate
+    from deploy.builder.manifest import built_model_dir, check_gate
     from deploy.package import image as images
 
     loaded = load_recipe(recipe)
@@ -129,7 +131,7 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     baked = loaded.docker.weights == "bake" and action in ("context", "build")
     needs = images.needs_weights(loaded) and (baked or action == "run")
     folder = built_model_dir(loaded, force=force) if needs else None
-    out = out or Path("build") / "docker" / loaded.name
+    out = out or image_dir(loaded.name)
     if action == "compose":
         out.mkdir(parents=True, exist_ok=True)
         for name, text in images.compose_files(loaded, replicas).items():
@@ -170,7 +172,7 @@ def app_try(bundle: Path, port: int) -> int:
 
 def serve(recipe: Path | None, host: str | None, port: int | None, force: bool) -> int:
     """Serve the recipe (gradio UI + API, API only, or the terminal chat, per serve.mode)."""
-    from deploy.build.manifest import check_gate
+    from deploy.builder.manifest import check_gate
 
     if recipe is None:
         raise RecipeError("Give a recipe: python -m deploy serve RECIPE (or set XLAB_DEPLOY_RECIPE).")
@@ -194,9 +196,6 @@ def chat(recipe: Path, force: bool) -> int:
     return 0
 
 
-# Failures a script may tell apart; any other user-facing failure exits 1, a recipe problem 2.
-EXIT_CODES = {"QualityGateError": 4, "PublishError": 5, "GateRefusal": 6}
-
 VERBS = {"validate": validate, "schema": schema, "build": build, "plan": plan, "bench": bench,
          "tune": tune, "image": image, "app": app, "app-try": app_try, "serve": serve, "chat": chat}
 
@@ -216,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write to this file instead of stdout")
 
     p = verbs.add_parser("build", help=build.__doc__.split(".")[0], description=build.__doc__)
-    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    flags.recipe(p)
     p.add_argument("--dry-run", action="store_true",
                    help="show what the publish step would add, replace and keep on the remote, and "
                    "upload nothing")
@@ -226,11 +225,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("plan", help=plan.__doc__, description=plan.__doc__ + " Exit 3 when the "
                          "weights do not fit.")
-    p.add_argument("recipe", type=Path, metavar="RECIPE")
-    p.add_argument("--gpu", help="T4, A10, A100-40G, A100-80G, H100, H200, or a size like 24GiB "
-                   "(default H100)")
-    p.add_argument("--sessions", type=int, help="full sessions wanted at once (default: "
-                   "engine.max_batch_size)")
+    flags.recipe(p)
+    flags.gpu(p, "H100")
+    flags.sessions(p)
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
     p = verbs.add_parser("bench", help=bench.__doc__, description=bench.__doc__ + " Default "
@@ -253,11 +250,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("tune", help=tune.__doc__.split(":")[0], description=tune.__doc__ +
                          " Exit 3 when no candidate meets the targets.")
-    p.add_argument("recipe", type=Path, metavar="RECIPE")
-    p.add_argument("--gpu", help="the GPU to fit: T4, A10, A100-40G, A100-80G, H100, H200 or a size "
-                   "like 24GiB (default: this machine's GPU; on a CPU machine, its RAM)")
-    p.add_argument("--sessions", type=int, help="full-length sessions served at once (default: "
-                   "engine.max_batch_size); also the concurrency measured")
+    flags.recipe(p)
+    flags.gpu(p, "this machine's GPU; on a CPU machine, its RAM")
+    flags.sessions(p, "; also the concurrency measured")
     p.add_argument("--min-top1", type=float, help="least top-1 agreement with the unquantized "
                    "model (default: the recipe's quantization.verify.min_top1_agreement)")
     p.add_argument("--goal", choices=["throughput", "latency", "memory"], default="throughput",
@@ -278,19 +273,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("image", help=image.__doc__.split(":")[0], description=image.__doc__)
     p.add_argument("action", choices=["context", "build", "run", "compose"])
-    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    flags.recipe(p)
     p.add_argument("--out", type=Path, help="where to write the context or compose file "
-                   "(default build/docker/NAME)")
+                   "(default $XLAB_DEPLOY_HOME/images/NAME)")
     p.add_argument("--port", type=int, help="host port for `run` (default serve.port)")
     p.add_argument("--replicas", type=int, default=2, help="API replicas for `compose`")
     p.add_argument("--ca-bundle", type=Path, help="a PEM file of extra CAs the container trusts "
                    "(an intercepting proxy's), for downloads at run time")
-    _force_flag(p)
+    flags.force(p)
 
     p = verbs.add_parser("app", help=app.__doc__.split(":")[0], description=app.__doc__)
-    p.add_argument("recipe", type=Path, metavar="RECIPE")
+    flags.recipe(p)
     p.add_argument("--out", type=Path, required=True, help="folder to write (replaced if present)")
-    _force_flag(p)
+    flags.force(p)
 
     p = verbs.add_parser("app-try", help=app_try.__doc__.split(",")[0], description=app_try.__doc__)
     p.add_argument("bundle", type=Path, metavar="DIR", help="a bundle written by `app RECIPE --out DIR`")
@@ -304,18 +299,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="interface to bind (default: serve.host, else $XLAB_DEPLOY_HOST)")
     p.add_argument("--port", type=int, default=_env_int("XLAB_DEPLOY_PORT"),
                    help="port (default: serve.port, else $XLAB_DEPLOY_PORT)")
-    _force_flag(p)
+    flags.force(p)
 
     p = verbs.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
-    p.add_argument("recipe", type=Path, metavar="RECIPE")
-    _force_flag(p)
+    flags.recipe(p)
+    flags.force(p)
     return parser
-
-
-def _force_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true",
-                        help="use quantized weights that failed the builder's quality gate or never "
-                        "met it (logged as a warning); without it they are refused with exit 6")
 
 
 def _env_int(name: str) -> int | None:
@@ -342,23 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.pop("verbose"))
     try:
         return VERBS[verb](**args)
-    except (RecipeError, ModelSourceError) as exc:
+    except (KitError, OSError) as exc:
+        # Failures a user can act on carry a message that says how (an OSError names the file
+        # and what went wrong with it); anything else is a bug and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        # Failures a user can act on carry a message that says how; anything else is a bug.
-        from deploy.bench.runner import BenchError
-        from deploy.build.manifest import GateRefusal
-        from deploy.build.pipeline import BuildError, QualityGateError
-        from deploy.build.publish import PublishError
-        from deploy.package.image import ImageError
-        from deploy.package.wheelhouse import WheelhouseError
-        from deploy.tune import TuneError
-
-        if isinstance(exc, BuildError | QualityGateError | PublishError | ImageError | BenchError
-                      | GateRefusal | WheelhouseError | TuneError | OSError):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_CODES.get(type(exc).__name__, 1)
-        raise
+        return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
         return 130

@@ -39,8 +39,8 @@ WORK = """
 import asyncio, resource, sys
 from dataclasses import replace
 from pathlib import Path
-from deploy.build.gate import compare_with, reference_rows
-from deploy.build.manifest import read_manifest
+from deploy.builder.gate import compare_with, reference_rows
+from deploy.builder.manifest import read_manifest
 from deploy.engines import engine_config, load_engine
 from deploy.recipe import load_recipe
 from deploy.recipe.tasks import load_tasks

@@ -4,7 +4,7 @@ random-token positions (scripts/gpu_internlm2_logits.py)?
 
 Usage: python scripts/gpu_chat_logits.py --model DIR --out FILE
 
-The benchmark's quality pass (deploy/build/gate.py) differs from that direct test in two ways: its
+The benchmark's quality pass (deploy/builder/gate.py) differs from that direct test in two ways: its
 sequences are chat prompts followed by an answer, and the engine has answered those prompts before
 it is asked for their logits. This separates them. Against transformers (DIR must carry the project's
 code: make_random_internlm2.py --modeling), through the kit's own LMDeployEngine on the PyTorch

@@ -52,7 +52,7 @@ def recipe_for(name: str, model: Path, setting: dict, ratio: float, session_len:
 def ensure_awq(model: Path, awq_dir: Path, out: Path) -> float | None:
     if (awq_dir / "config.json").is_file():
         return None
-    from deploy.build.quantize import awq_quantize
+    from deploy.builder.quantize import awq_quantize
     from deploy.recipe import parse_recipe
 
     recipe = parse_recipe(recipe_for("awq", model, SETTINGS["awq"], 0.2, 4096))

@@ -125,7 +125,7 @@ def tiny_internlm2(tmp_path_factory) -> Path:
     import subprocess
     import sys
 
-    from deploy.build.sources import bundled_model_dir
+    from deploy.builder.sources import bundled_model_dir
 
     bundled = bundled_model_dir("SmolLM2-135M-Instruct")
     tok = tmp_path_factory.mktemp("tok")

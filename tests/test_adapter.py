@@ -14,8 +14,8 @@ import torch
 import yaml
 from conftest import LiveServer
 
-from deploy.build.pipeline import build, work_dir
-from deploy.build.sources import bundled_model_dir
+from deploy.builder.pipeline import build, work_dir
+from deploy.builder.sources import bundled_model_dir
 from deploy.recipe import RecipeError, load_recipe
 from deploy.serve.assistant import Assistant
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import LiveServer
 
 import deploy.serve.server as server_module
-from deploy.build.manifest import built_model_dir
+from deploy.builder.manifest import built_model_dir
 from deploy.engines.transformers_engine import TransformersEngine
 from deploy.serve.assistant import Assistant
 from deploy.serve.server import create_app

@@ -13,7 +13,7 @@ import asyncio
 import pytest
 import torch
 
-from deploy.build.manifest import built_model_dir
+from deploy.builder.manifest import built_model_dir
 from deploy.engines import GenerationParams
 from deploy.engines.transformers_engine import TransformersEngine
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.build.manifest import GateRefusal, check_gate, read_manifest, work_dir
+from deploy.builder.manifest import GateRefusal, check_gate, read_manifest, work_dir
 from deploy.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def test_a_changed_task_file_reruns_only_the_gate(recipe_file, tmp_path):
 def test_unbuilt_or_unchecked_weights_are_refused_and_the_gate_can_be_switched_off(recipe_file):
     path = fresh(recipe_file("gate-never-ran", 32, prompts=2))
     recipe = load_recipe(path)
-    from deploy.build.pipeline import build
+    from deploy.builder.pipeline import build
 
     build(recipe, gate=False)  # as the benchmark builds: quantized, never gated
     with pytest.raises(GateRefusal, match="never checked by the quality gate"):
@@ -126,8 +126,8 @@ def test_a_gate_that_could_not_score_refuses_with_its_reason_and_force_serves(re
     from conftest import nan_logits
 
     import deploy.engines
-    from deploy.build.manifest import built_model_dir
-    from deploy.build.pipeline import QualityGateError, build
+    from deploy.builder.manifest import built_model_dir
+    from deploy.builder.pipeline import QualityGateError, build
 
     path = fresh(recipe_file("gate-unscored", 32, prompts=2))
     recipe = load_recipe(path)
@@ -179,7 +179,7 @@ sys.exit(code)
 PEAK_SCRIPT = """
 import asyncio, resource, sys
 from pathlib import Path
-from deploy.build.gate import reference_rows
+from deploy.builder.gate import reference_rows
 from deploy.engines import engine_config, load_engine
 from deploy.recipe import load_recipe
 from deploy.recipe.tasks import load_tasks
@@ -229,7 +229,7 @@ def test_kl_ignores_tokens_the_reference_rules_out():
 
     import torch
 
-    from deploy.build.gate import agreement
+    from deploy.builder.gate import agreement
 
     inf = float("inf")
     p = torch.log_softmax(torch.tensor([[2.0, 1.0, -inf, -inf]]), -1)
@@ -250,8 +250,8 @@ def test_nan_logits_are_not_scored_as_disagreement(assistant, nan_logits_engine,
     import asyncio
     import json
 
-    from deploy.build.gate import UnscorableLogits, compare_with, reference_rows
-    from deploy.build.pipeline import _unscored
+    from deploy.builder.gate import UnscorableLogits, compare_with, reference_rows
+    from deploy.builder.pipeline import _unscored
     from deploy.engines import EngineConfig
     from deploy.recipe.tasks import load_tasks
 

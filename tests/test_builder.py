@@ -21,7 +21,7 @@ import pytest
 import yaml
 from test_publish import need_git_lfs
 
-from deploy.build.pipeline import build, read_manifest, work_dir
+from deploy.builder.pipeline import build, read_manifest, work_dir
 from deploy.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def test_publish_dry_run_lists_and_uploads_nothing(built, hub, tmp_path, capsys)
 
 def test_publish_to_hugging_face_through_a_local_stand_in(built, hub, tmp_path, monkeypatch, caplog,
                                                           capfd):
-    from deploy.build.publish import publish
+    from deploy.builder.publish import publish
 
     recipe, result = built
     token = "hf_" + "t0ken" * 8
@@ -169,7 +169,7 @@ def manifest_text(recipe) -> str:
 def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, monkeypatch, caplog,
                                                              capfd):
     need_git_lfs()
-    from deploy.build.publish import publish
+    from deploy.builder.publish import publish
 
     recipe, result = built
     remote_root = tmp_path / "remotes"
@@ -200,7 +200,7 @@ def test_build_records_the_publish_and_refuses_a_remote_changed_since(built, tmp
     need_git_lfs()
     from test_publish import clone, git, remote_with_history
 
-    from deploy.build.publish import PublishError
+    from deploy.builder.publish import PublishError
 
     recipe, _ = built
     remotes = tmp_path / "remotes"
@@ -236,7 +236,7 @@ def test_full_disk_during_quantize_says_what_to_do_and_leaves_no_partial_output(
 
     import torch
 
-    from deploy.build.pipeline import BuildError
+    from deploy.builder.pipeline import BuildError
 
     recipe = load_recipe(write_recipe(tmp_path, "test-build-full-disk"))
 
@@ -273,7 +273,7 @@ def test_unwritable_cache_is_a_sentence_not_a_traceback(tmp_path):
 def test_refused_writes_name_the_path_and_the_way_out(code, tmp_path):
     import errno
 
-    from deploy.build.pipeline import write_problem
+    from deploy.builder.pipeline import write_problem
 
     exc = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/models/x/config.json")
     message = write_problem(exc, "fetch", tmp_path)
@@ -286,7 +286,7 @@ def test_refused_writes_name_the_path_and_the_way_out(code, tmp_path):
 def test_full_disk_outside_the_kits_cache_names_that_folder(tmp_path, monkeypatch):
     import errno
 
-    from deploy.build.pipeline import write_problem
+    from deploy.builder.pipeline import write_problem
 
     monkeypatch.setenv("XLAB_DEPLOY_HOME", str(tmp_path / "kit"))
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hf" / "blob"))

@@ -14,21 +14,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "deploy"
 
-# Which stages each stage may import. `cache` and `atomic` sit below everything and import nothing.
+# Which stages each stage may import. `errors`, `home` and `atomic` sit below everything and import
+# nothing; every stage may use `errors` (the root of the errors meant for users).
+BELOW = {"errors"}
 ALLOWED = {
     "recipe": set(),
-    "engines": {"recipe", "cache", "atomic"},
+    "engines": {"recipe", "home", "atomic"},
     "capacity": {"recipe", "engines"},
-    "build": {"recipe", "engines", "capacity", "cache", "atomic"},
-    "serve": {"recipe", "engines", "capacity", "build"},  # build: the manifest alone, see below
-    "package": {"recipe", "build", "atomic", "cache"},  # likewise
-    "bench": {"recipe", "engines", "capacity", "build", "serve"},
+    "builder": {"recipe", "engines", "capacity", "home", "atomic"},
+    "serve": {"recipe", "engines", "capacity", "builder"},  # builder: the manifest alone, see below
+    "package": {"recipe", "builder", "atomic", "home"},  # likewise
+    "bench": {"recipe", "engines", "capacity", "builder", "serve"},
     "tune": {"recipe", "engines", "capacity", "bench", "atomic"},  # measures through bench's worker
-    "cache": set(),
+    "home": set(),
     "atomic": set(),
+    "errors": set(),
 }
-TOP = {"cli", "__init__", "__main__"}  # the verbs and the public API may import any stage
-MANIFEST_ONLY = {"serve", "package"}  # they find built weights only through deploy.build.manifest
+TOP = {"cli", "flags", "__init__", "__main__"}  # the verbs and the public API may import any stage
+MANIFEST_ONLY = {"serve", "package"}  # they find built weights only through deploy.builder.manifest
 
 
 def module_name(path: Path) -> str:
@@ -74,13 +77,13 @@ def violations(module: str, imports: list[str]) -> list[str]:
     problems = []
     for target in imports:
         other = stage(target)
-        if other == own:
+        if other == own or (other in BELOW and own not in BELOW):
             continue
         if other not in ALLOWED[own]:
             problems.append(f"{module} imports {target}: the {own} stage may not import {other}")
-        elif own in MANIFEST_ONLY and other == "build" and target != "deploy.build.manifest":
+        elif own in MANIFEST_ONLY and other == "builder" and target != "deploy.builder.manifest":
             problems.append(f"{module} imports {target}: {own} finds built weights only through "
-                            "deploy.build.manifest")
+                            "deploy.builder.manifest")
         elif own == "engines" and target in ("deploy.recipe", "deploy.recipe.schema") \
                 and module != "deploy.engines.config":
             problems.append(f"{module} imports {target}: engines take an EngineConfig; only "
@@ -104,13 +107,13 @@ def test_every_module_belongs_to_a_known_stage():
 
 
 @pytest.mark.parametrize("source, module, expected", [
-    ("from deploy.build.pipeline import build", "deploy.engines.transformers_engine",
-     "the engines stage may not import build"),
+    ("from deploy.builder.pipeline import build", "deploy.engines.transformers_engine",
+     "the engines stage may not import builder"),
     ("def f():\n    from deploy.serve import server", "deploy.engines.lmdeploy_engine",
      "the engines stage may not import serve"),
     ("from deploy.recipe import Recipe", "deploy.engines.lmdeploy_engine", "only deploy.engines.config"),
-    ("from deploy.build.pipeline import build", "deploy.serve.assistant", "only through"),
-    ("from deploy.bench.runner import run_bench", "deploy.build.gate", "may not import bench"),
+    ("from deploy.builder.pipeline import build", "deploy.serve.assistant", "only through"),
+    ("from deploy.bench.runner import run_bench", "deploy.builder.gate", "may not import bench"),
 ])
 def test_the_checker_catches_a_broken_rule(source, module, expected):
     found = violations(module, deploy_imports(source, module))

@@ -171,7 +171,7 @@ def test_the_gate_gets_whole_answers_from_the_pytorch_engine(gpu_recipe):
     """LMDeploy 0.18's PyTorch engine cut its answers to 2 tokens after a logits request
     (scripts/gpu_logits.py: 32, 2, 2, 2 when alternated). The gate's reference pass asks every
     answer before any logits, so its answers are the ones the engine gives alone."""
-    from deploy.build.gate import reference_rows
+    from deploy.builder.gate import reference_rows
     from deploy.engines import GenerationParams
     from deploy.recipe.tasks import load_tasks
     from deploy.serve.assistant import Assistant

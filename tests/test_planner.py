@@ -112,7 +112,7 @@ def test_one_quick_probe_decides_whether_the_hub_is_used(monkeypatch, caplog):
     from conftest import LiveServer
     from fake_hub import create_fake_hub
 
-    from deploy.build.sources import hub_reachable
+    from deploy.builder.sources import hub_reachable
     from deploy.serve.ports import free_port
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import in_ci
 
-from deploy.build.publish import PublishError, publish
+from deploy.builder.publish import PublishError, publish
 from deploy.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from deploy.errors import KitError
 from deploy.recipe import Recipe, load_recipe, parse_recipe
 
 console = Console(stderr=True)
@@ -52,7 +53,7 @@ PROFILES = {
 FIXED_CACHE_RATIO = 0.2  # one stated KV setting for every LMDeploy row, so memory compares
 
 
-class BenchError(RuntimeError):
+class BenchError(KitError):
     """A setting failed to measure; the message carries the end of its log."""
 
 

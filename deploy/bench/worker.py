@@ -17,8 +17,8 @@ from pathlib import Path
 
 from deploy.bench.load import run_load
 from deploy.bench.scoring import score
-from deploy.build.gate import UnscorableLogits, agreement, scorable
-from deploy.build.pipeline import build
+from deploy.builder.gate import UnscorableLogits, agreement, scorable
+from deploy.builder.pipeline import build
 from deploy.capacity.memory import memory_report
 from deploy.engines import GenerationParams
 from deploy.recipe import load_recipe

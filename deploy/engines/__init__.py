@@ -22,7 +22,7 @@ from deploy.engines.base import (
 )
 from deploy.engines.config import EngineConfig, engine_config, pick_backend
 from deploy.engines.hardware import lmdeploy_installed, visible_gpus
-from deploy.recipe.errors import RecipeError
+from deploy.errors import RecipeError
 
 __all__ = [
     "HQQ_MARKER",

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Message = dict[str, str]  # OpenAI-style: {"role": "user", "content": "..."}
+from deploy.engines.chat_format import Message, encode_chat
 
 # The file hqq's save_quantized writes: its presence marks a folder of HQQ 4-bit weights, which the
-# builder makes (deploy/build/quantize.py) and the transformers engine loads.
+# builder makes (deploy/builder/quantize.py) and the transformers engine loads.
 HQQ_MARKER = "qmodel.pt"
 
 
@@ -133,8 +133,6 @@ class Engine(ABC):
 
     def encode(self, messages: list[Message]) -> list[int]:
         """The token ids of `messages` rendered by the chat template, ready for an answer."""
-        from deploy.engines.chat_format import encode_chat
-
         return encode_chat(self.tokenizer, messages)
 
     def encode_text(self, text: str) -> list[int]:

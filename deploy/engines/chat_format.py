@@ -8,10 +8,8 @@ prompt for the same conversation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # base.py calls encode_chat: a runtime import back would be a cycle
-    from deploy.engines.base import Message
+Message = dict[str, str]  # OpenAI-style: {"role": "user", "content": "..."}
 
 
 def load_tokenizer(model_dir: Path, chat_template: str | None = None, trust_remote_code: bool = False):

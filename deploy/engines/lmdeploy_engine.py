@@ -34,7 +34,7 @@ from deploy.engines.config import EngineConfig
 from deploy.engines.native_log import tee_stderr, turbomind_cache_budget, turbomind_warmups_too_long
 from deploy.engines.rope_compat import model_dir_for_lmdeploy
 from deploy.engines.sizing import kv_bytes_per_token
-from deploy.recipe.errors import RecipeError
+from deploy.errors import RecipeError
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ def _env_check_marker(model_config: dict, engine_kwargs: dict) -> Path:
     import importlib.metadata
     import importlib.util
 
-    from deploy.cache import env_check_dir
+    from deploy.home import env_check_dir
 
     def version(name: str) -> str:
         try:

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from deploy.atomic import atomic_dir, write_json
-from deploy.cache import rope_compat_dir
+from deploy.home import rope_compat_dir
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ class TransformersEngine(Engine):
         )
         self.tokenizer = load_tokenizer(model_dir, chat_template, trust_remote_code)
         self.hqq = (Path(model_dir) / HQQ_MARKER).is_file()
-        if self.hqq:  # 4-bit weights made by the builder (deploy/build/quantize.py)
+        if self.hqq:  # 4-bit weights made by the builder (deploy/builder/quantize.py)
             from hqq.models.hf.base import AutoHQQHFModel
 
             self.model = AutoHQQHFModel.from_quantized(str(model_dir), device=self.device,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from deploy.build.manifest import built_model_dir
+from deploy.builder.manifest import built_model_dir
 from deploy.package.image import TEMPLATES, copy_kit, image_kind, requirements
 from deploy.package.wheelhouse import TORCH_CPU_INDEX
 from deploy.recipe import Recipe

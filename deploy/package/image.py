@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from deploy.errors import KitError
 from deploy.recipe import Recipe, RecipeError
 
 console = Console(stderr=True)
@@ -29,7 +30,7 @@ CONTAINER_MODELS = "/models"
 LABEL = "xlab-deploy.recipe"  # on every container the kit starts; scripts/docker_engine.sh stop removes them
 
 
-class ImageError(RuntimeError):
+class ImageError(KitError):
     """Docker is missing or refused; the message says what to do."""
 
 

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 from deploy.atomic import atomic_dir
-from deploy.cache import cache_home
+from deploy.errors import KitError
+from deploy.home import cache_home
 
 IMAGE_PYTHON = (3, 11)  # docker/Dockerfile.cpu's base image
 
 
-class WheelhouseError(RuntimeError):
+class WheelhouseError(KitError):
     """The wheels could not be collected; the message says what to do."""
 
 

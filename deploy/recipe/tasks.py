@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from deploy.recipe.errors import RecipeError
+from deploy.errors import RecipeError
 
 
 @dataclass(frozen=True)

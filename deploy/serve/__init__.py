@@ -2,5 +2,5 @@
 people and programs talk to: the HTTP server (server.py, with openai_protocol.py), the Gradio UI
 (ui.py) and the terminal chat (terminal_chat.py).
 
-Serving finds built weights only through deploy.build.manifest.
+Serving finds built weights only through deploy.builder.manifest.
 """

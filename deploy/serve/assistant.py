@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from deploy.build.manifest import built_model_dir
+from deploy.builder.manifest import built_model_dir
 from deploy.engines import Delta, Engine, GenerationParams, Message, engine_config, load_engine
 from deploy.recipe import Recipe, load_recipe
 

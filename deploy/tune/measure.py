@@ -21,13 +21,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deploy.bench.runner import write_spec
+from deploy.errors import KitError
 from deploy.recipe import Recipe
 from deploy.tune.candidates import Verdict
 
 console = Console(stderr=True)
 
 
-class TuneError(RuntimeError):
+class TuneError(KitError):
     """Tuning cannot go on; the message says what to change."""
 
 

@@ -24,14 +24,17 @@ from rich.console import Console
 
 from deploy.atomic import link_or_copy
 from deploy.engines.sizing import kv_bytes_per_token
+from deploy.errors import KitError
 from deploy.recipe import Recipe, RecipeError
 
 console = Console(stderr=True)
 OPENXLAB_GIT = "https://code.openxlab.org.cn"
 
 
-class PublishError(RuntimeError):
+class PublishError(KitError):
     """The hub refused or could not be reached; the message says what to do."""
+
+    exit_code = 5
 
 
 # The kit's card carries this tag in its front matter: a README.md without it is the user's and is

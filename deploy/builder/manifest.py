@@ -11,16 +11,19 @@ import json
 import logging
 from pathlib import Path
 
-from deploy.build.sources import model_dir
-from deploy.cache import build_dir
+from deploy.builder.sources import model_dir
 from deploy.engines import HQQ_MARKER
+from deploy.errors import KitError
+from deploy.home import build_dir
 from deploy.recipe import Recipe, RecipeError
 
 log = logging.getLogger(__name__)
 
 
-class GateRefusal(RuntimeError):
+class GateRefusal(KitError):
     """Quantized weights that failed the quality gate, or were never checked by it."""
+
+    exit_code = 6
 
 
 def work_dir(recipe: Recipe) -> Path:

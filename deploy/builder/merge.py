@@ -22,7 +22,7 @@ def adapter_dir(recipe: Recipe) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
-        from deploy.build.sources import hub_errors
+        from deploy.builder.sources import hub_errors
 
         with hub_errors(value, None):
             folder = Path(snapshot_download(value))

@@ -12,9 +12,10 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from deploy import cache
+from deploy import home
 from deploy.atomic import atomic_dir
 from deploy.engines.base import HQQ_MARKER
+from deploy.errors import KitError
 from deploy.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,10 @@ BUNDLED = {
 }
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(KitError):
     """The model cannot be found or fetched; the message says what to do."""
+
+    exit_code = 2
 
 
 def model_dir(recipe: Recipe) -> Path:
@@ -63,7 +66,7 @@ def _model_config(recipe: Recipe) -> dict:
         return json.loads(path.read_text())
     if source == "bundled":
         name = recipe.model.bundled_name
-        cached = cache.bundled_model_dir(name) / "config.json"
+        cached = home.bundled_model_dir(name) / "config.json"
         if cached.is_file():
             return json.loads(cached.read_text())
         from transformers import AutoConfig
@@ -85,7 +88,7 @@ def _model_config(recipe: Recipe) -> dict:
             log.warning("hub out of reach: using the kit's stored copy of %s's config.json",
                         recipe.model.id)
             return stored
-    cached = cache.openxlab_model_dir(recipe.model.id) / "config.json"
+    cached = home.openxlab_model_dir(recipe.model.id) / "config.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     raise ModelSourceError(
@@ -125,7 +128,7 @@ def bundled_model_dir(name: str) -> Path:
         raise ModelSourceError(
             f"No bundled model named {name!r}; the kit bundles: {', '.join(BUNDLED)}."
         )
-    target = cache.bundled_model_dir(name)
+    target = home.bundled_model_dir(name)
     if (target / "config.json").is_file():
         return target
     gguf_dir, filename = _bundled_gguf(name)
@@ -231,7 +234,7 @@ def _from_openxlab(recipe: Recipe) -> Path:
         raise ModelSourceError(
             "model.source 'openxlab' needs the openxlab SDK: pip install 'xlab-deploy[openxlab]'."
         )
-    target = cache.openxlab_model_dir(recipe.model.id)
+    target = home.openxlab_model_dir(recipe.model.id)
     if not (target / "config.json").is_file():
         download(model_repo=recipe.model.id, output=str(target))
     return check_model_dir(target)

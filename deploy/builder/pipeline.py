@@ -25,10 +25,11 @@ from pathlib import Path
 from rich.console import Console
 
 from deploy.atomic import write_json
-from deploy.build.manifest import already_quantized, manifest_path, read_manifest, work_dir
-from deploy.build.quantize import default_calibration_file
-from deploy.build.sources import model_dir
-from deploy.cache import cache_home
+from deploy.builder.manifest import already_quantized, manifest_path, read_manifest, work_dir
+from deploy.builder.quantize import default_calibration_file
+from deploy.builder.sources import model_dir
+from deploy.errors import KitError
+from deploy.home import cache_home
 from deploy.recipe import Recipe, chat_template_text
 from deploy.recipe.tasks import default_tasks_file, load_tasks
 
@@ -38,7 +39,7 @@ console = Console(stderr=True)
 FULL_HASH_LIMIT = 64 * 2**20  # files above this get a fast fingerprint: size + head + tail
 
 
-class BuildError(RuntimeError):
+class BuildError(KitError):
     """A step could not write its output (full disk, no permission); the message says what to do."""
 
 
@@ -85,8 +86,10 @@ def _writes(step: str, work: Path):
         raise BuildError(problem) from exc
 
 
-class QualityGateError(RuntimeError):
+class QualityGateError(KitError):
     """The quantized model is further from the original than the recipe allows."""
+
+    exit_code = 4
 
 
 @dataclass
@@ -221,7 +224,7 @@ def _fetch(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
 def _merge(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
     if not recipe.model.adapter:
         return {"skipped": "model.adapter is not set"}
-    from deploy.build.merge import merge_adapter
+    from deploy.builder.merge import merge_adapter
 
     target = work / "merged"
     shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
@@ -247,7 +250,7 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"model_dir": str(source), "method": "prequantized"}
     target = work / f"quantized-{method}"
     shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
-    from deploy.build.quantize import awq_quantize, hqq_quantize
+    from deploy.builder.quantize import awq_quantize, hqq_quantize
 
     (awq_quantize if method == "awq" else hqq_quantize)(recipe, source, target)
     return {"model_dir": str(target), "method": method}
@@ -264,7 +267,7 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"skipped": "switched off by quantization.verify.enabled: false"}
     from dataclasses import replace
 
-    from deploy.build.gate import UnscorableLogits, compare_with, reference_rows
+    from deploy.builder.gate import UnscorableLogits, compare_with, reference_rows
     from deploy.engines import engine_config, load_engine
 
     tasks = load_tasks(recipe.resolve(gate.tasks) if gate.tasks else None, gate.prompts)
@@ -323,7 +326,7 @@ def _publish(recipe: Recipe, work: Path, outputs: dict, *, publish_dry_run: bool
              publish_overwrite: bool, manifest: dict) -> dict:
     if recipe.publish.hub == "none":
         return {"skipped": "publish.hub is none"}
-    from deploy.build.publish import publish
+    from deploy.builder.publish import publish
 
     folder = Path(outputs["quantize"].get("model_dir") or _source(outputs))
     last = manifest.get("published", {}).get(f"{recipe.publish.hub}:{recipe.publish.repo}")
