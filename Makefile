@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: help install deploy build bench soak docker test lint chromium clean
+.PHONY: help install deploy build bench soak docker test test-fast lint chromium clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -54,17 +54,21 @@ bench: $(VENV)/.test-installed  ## benchmark BENCH_RECIPE's settings into BENCH_
 SOAK_OUT ?= docs/data/soak-cpu.json
 
 soak: $(VENV)/.test-installed  ## 1,000 mixed requests against RECIPE's server (docs/reliability.md)
-	$(PY) scripts/soak.py $(RECIPE) --out $(SOAK_OUT)
+	$(PY) -m benchmarks.soak $(RECIPE) --out $(SOAK_OUT)
 
 docker: build  ## build RECIPE's image and run it (needs a Docker engine)
 	$(PY) -m deploy image build $(RECIPE)
 	$(PY) -m deploy image run $(RECIPE) $(if $(PORT),--port $(PORT))
 
-test: $(VENV)/.test-installed chromium  ## run the test suite
+test: $(VENV)/.test-installed chromium  ## run the whole test suite (what CI runs)
 	$(PY) -m pytest -q --durations=12
 
-lint: $(VENV)/.test-installed  ## ruff
-	$(VENV)/bin/ruff check deploy tests scripts
+# The quick subset while working: no Docker, browser, GPU or slow tests (under 3 minutes here).
+test-fast: $(VENV)/.test-installed  ## run the fast tests
+	$(PY) -m pytest -q -m "not docker and not browser and not gpu and not slow" --durations=5
+
+lint: $(VENV)/.test-installed  ## ruff, over every Python file in the repository
+	$(VENV)/bin/ruff check .
 
 chromium:  # Debian's chromium, for the browser test of the Gradio page
 	@command -v chromium >/dev/null && exit 0; \

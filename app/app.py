@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the vendored kit wins over any installed copy
 
 from deploy.recipe import load_recipe  # noqa: E402
-from deploy.serve.server import run  # noqa: E402
+from deploy.serve.run import run  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

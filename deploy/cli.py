@@ -180,7 +180,7 @@ def serve(recipe: Path | None, host: str | None, port: int | None, force: bool) 
     check_gate(loaded, force=force)  # refuse before the server starts, not in its loading thread
     if loaded.serve.mode == "chat":
         return chat(recipe, force)
-    from deploy.serve.server import run
+    from deploy.serve.run import run
 
     run(loaded, host=host, port=port, force=force)
     return 0
@@ -207,7 +207,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in (_recipe_verbs, _measure_verbs, _package_verbs, _serve_verbs):
+        add(verbs)
+    return parser
 
+
+def _recipe_verbs(verbs) -> None:
+    """validate, schema, build."""
     p = verbs.add_parser("validate", help=validate.__doc__, description=validate.__doc__)
     p.add_argument("recipes", nargs="+", type=Path, metavar="RECIPE")
 
@@ -223,6 +229,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="publish on top of a remote that someone changed since this recipe's last "
                    "publish (its other files and history stay; nothing is ever force-pushed)")
 
+
+def _measure_verbs(verbs) -> None:
+    """plan, bench, tune."""
     p = verbs.add_parser("plan", help=plan.__doc__, description=plan.__doc__ + " Exit 3 when the "
                          "weights do not fit.")
     flags.recipe(p)
@@ -271,6 +280,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--session-lens", help="session_len values to try, e.g. 4096,2048 (default: the "
                    "recipe's, and half of it on a GPU)")
 
+
+def _package_verbs(verbs) -> None:
+    """image, app, app-try."""
     p = verbs.add_parser("image", help=image.__doc__.split(":")[0], description=image.__doc__)
     p.add_argument("action", choices=["context", "build", "run", "compose"])
     flags.recipe(p)
@@ -291,6 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, metavar="DIR", help="a bundle written by `app RECIPE --out DIR`")
     p.add_argument("--port", type=int, default=7860, help="host port for the app (default 7860)")
 
+
+def _serve_verbs(verbs) -> None:
+    """serve, chat."""
     p = verbs.add_parser("serve", help=serve.__doc__, description=serve.__doc__)
     p.add_argument("recipe", type=Path, metavar="RECIPE", nargs="?",
                    default=os.environ.get("XLAB_DEPLOY_RECIPE"),
@@ -304,7 +319,6 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("chat", help=chat.__doc__, description=chat.__doc__)
     flags.recipe(p)
     flags.force(p)
-    return parser
 
 
 def _env_int(name: str) -> int | None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
-from deploy.serve.server import ServerThread
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RECIPE = ROOT / "recipes" / "smollm2-cpu.yaml"
+from tests.helpers import CHROMIUM, DEFAULT_RECIPE, FLAGS, ROOT, LiveServer, in_ci, nan_logits
 
 
 @pytest.fixture(scope="session")
@@ -36,52 +34,45 @@ def nan_logits_engine(assistant):
     return nan_logits(assistant.engine)
 
 
-def nan_logits(engine):
-    """`engine` as it is, but every logit it returns is NaN (see nan_logits_engine)."""
-    import torch
+@pytest.fixture(scope="session")
+def serve_with(assistant):
+    """Starts the kit's real server on a free loopback port, over the bundled model or the
+    assistant given, with serve settings changed from the recipe's:
 
-    class NaNLogits:
-        name = "lmdeploy-pytorch"
+        with serve_with(max_pending=1) as live: ...         # live.url, live.config
+        with serve_with(other_assistant, ui=True) as live: ...
+    """
+    from deploy.serve.app import create_app
 
-        def __getattr__(self, attr):
-            return getattr(engine, attr)
+    @contextlib.contextmanager
+    def start(over=None, *, ui: bool = False, **settings):
+        served = over or assistant
+        config = dataclasses.replace(served.config, **settings)
+        with LiveServer(create_app(config, served, ui=ui)) as live:
+            live.config = config
+            yield live
 
-        async def prompt_logits(self, token_ids):
-            return [torch.full_like(t, float("nan")) for t in await engine.prompt_logits(token_ids)]
-
-    return NaNLogits()
-
-
-# The kit's own in-thread server, under the name the tests use.
-LiveServer = ServerThread
+    return start
 
 
 @pytest.fixture(scope="session")
-def api_server(recipe, assistant):
-    from deploy.serve.server import create_app
-
-    with LiveServer(create_app(recipe, assistant, ui=False)) as live:
+def api_server(serve_with):
+    with serve_with() as live:
         yield live
 
 
 @pytest.fixture(scope="session")
-def gradio_server(recipe, assistant, tmp_path_factory):
-    from deploy.serve.server import create_app
-
-    with LiveServer(create_app(recipe, assistant, ui=True)) as live:
+def gradio_server(serve_with, tmp_path_factory):
+    with serve_with(ui=True) as live:
         live.screenshot_path = tmp_path_factory.mktemp("ui") / "gradio.png"
         yield live
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """A local stand-in for the Hugging Face Hub (tests/fake_hub.py), reached through HF_ENDPOINT;
+    """A local stand-in for the Hugging Face Hub (tests/fixtures/fake_hub.py), reached through HF_ENDPOINT;
     it fails the test if it saw a call it does not serve."""
-    from fake_hub import create_fake_hub
+    from tests.fixtures.fake_hub import create_fake_hub
 
     app = create_fake_hub()
     with LiveServer(app) as live:
@@ -94,12 +85,6 @@ def hub(tmp_path, monkeypatch):
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
         yield app
     assert app.state.unexpected == [], "the fake hub saw calls it does not serve"
-
-
-# Debian's chromium, driven by Playwright, for the tests that load the Gradio page.
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 # Module scope: Playwright's sync API runs an event loop on this thread while the browser lives,
@@ -121,7 +106,7 @@ def browser():
 @pytest.fixture(scope="session")
 def tiny_internlm2(tmp_path_factory) -> Path:
     """A random-weight InternLM2 checkpoint of tiny shapes carrying the project's transformers code
-    (scripts/make_random_internlm2.py --modeling), with the bundled SmolLM2's tokenizer."""
+    (tools/make_random_internlm2.py --modeling), with the bundled SmolLM2's tokenizer."""
     import subprocess
     import sys
 
@@ -133,6 +118,6 @@ def tiny_internlm2(tmp_path_factory) -> Path:
         if (bundled / name).is_file():
             shutil.copy(bundled / name, tok / name)
     out = tmp_path_factory.mktemp("internlm2") / "tiny"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_internlm2.py"), str(out), str(tok),
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_random_internlm2.py"), str(out), str(tok),
                     "--size", "tiny", "--modeling"], check=True, capture_output=True)
     return out

@@ -23,8 +23,10 @@ from deploy.capacity.memory import memory_report
 from deploy.engines import GenerationParams
 from deploy.recipe import load_recipe
 from deploy.recipe.tasks import load_tasks
+from deploy.serve.app import create_app
 from deploy.serve.assistant import Assistant
-from deploy.serve.server import ServerThread, create_app
+from deploy.serve.config import serve_config
+from deploy.serve.run import ServerThread
 
 
 async def _decode(assistant: Assistant, prompt: str, tokens: int) -> dict:
@@ -130,7 +132,7 @@ def measure(spec: dict) -> dict:
     tasks = load_tasks(Path(spec["tasks"]), profile["quality_prompts"])
     prompts = [t.prompt for t in load_tasks(Path(spec["tasks"]))]
     try:
-        with ServerThread(create_app(recipe, assistant, ui=False)) as server:
+        with ServerThread(create_app(serve_config(recipe), assistant, ui=False)) as server:
             started = time.perf_counter()
             server.call(assistant.achat([{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=4)))
             result["first_request_s"] = time.perf_counter() - started

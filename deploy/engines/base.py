@@ -47,7 +47,7 @@ class GenerationParams:
     # None: no log probabilities; k >= 0: each generated token's, with the k likeliest others.
     logprobs: int | None = None
     # OpenAI's response_format (json_object or json_schema), for engines with guided decoding;
-    # also an xgrammar structural tag (serve/tools.py forces tool calls with one).
+    # also an xgrammar structural tag (serve/openai/tool_calls.py forces tool calls with one).
     response_format: dict | None = None
     # Keep special tokens in the text: some models mark tool calls with them (InternLM2's
     # <|action_start|>), and the server must see the marks to read the calls.

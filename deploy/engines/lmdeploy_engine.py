@@ -175,7 +175,7 @@ class LMDeployEngine(Engine):
     # engine gave the same greedy answer with repetition_penalty 1.5 as without on the H100
     # (docs/data/h100-2026-11-26-transformers/gputest-repetition-penalty.log), so the server
     # refuses it rather than claim it.
-    # tools: the server renders them and reads the calls (serve/tools.py); a named or required
+    # tools: the server renders them and reads the calls (serve/openai/tool_calls.py); a named or required
     # choice is forced through the same guided decoding.
     supports = frozenset({"response_format", "logprobs", "tools", "tool_choice"})
 

@@ -39,7 +39,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 class TransformersEngine(Engine):
     name = "transformers"
-    # tools: rendered and read back by the server (serve/tools.py); a required or named
+    # tools: rendered and read back by the server (serve/openai/tool_calls.py); a required or named
     # tool_choice needs guided decoding, which this engine lacks.
     supports = frozenset({"presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs",
                           "tools"})

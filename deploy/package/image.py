@@ -27,7 +27,7 @@ console = Console(stderr=True)
 KIT = Path(__file__).resolve().parent.parent  # the deploy package, installed or in a checkout
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # the repository's docker/ and app/
 CONTAINER_MODELS = "/models"
-LABEL = "xlab-deploy.recipe"  # on every container the kit starts; scripts/docker_engine.sh stop removes them
+LABEL = "xlab-deploy.recipe"  # on every container the kit starts; tools/docker_engine.sh stop removes them
 
 
 class ImageError(KitError):

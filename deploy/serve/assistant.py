@@ -1,4 +1,4 @@
-"""An assistant: a recipe's engine plus the recipe's conversation settings. The kit's Python API.
+"""An assistant: a recipe's engine plus its serving settings (a `ServeConfig`). The kit's Python API.
 
 The server, the Gradio UI, the terminal chat and the benchmark all talk to this (its async
 methods), so the system prompt and the default answer length are applied in one place, whatever
@@ -15,13 +15,15 @@ import functools
 import logging
 import queue
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deploy.builder.manifest import built_model_dir
-from deploy.engines import Delta, Engine, GenerationParams, Message, engine_config, load_engine
-from deploy.recipe import Recipe, load_recipe
+from deploy.engines import Delta, Engine, GenerationParams, Message
+from deploy.serve.config import ServeConfig, load_model
+
+if TYPE_CHECKING:
+    from deploy.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +31,22 @@ MIN_TEMPERATURE = 1e-5  # below this a temperature is served as greedy decoding
 
 
 class Assistant:
-    def __init__(self, recipe: Recipe, engine: Engine):
-        self.recipe = recipe
+    def __init__(self, config: ServeConfig, engine: Engine, memory: Callable[[], dict] | None = None):
+        self.config = config
         self.engine = engine
+        self._memory = memory
         self._sync_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_recipe(cls, recipe: Recipe | str | Path, *, force: bool = False) -> Assistant:
         """The recipe's built model on its engine. Quantized weights must have passed the
         builder's quality gate; `force=True` loads them anyway, with a warning."""
-        if not isinstance(recipe, Recipe):
-            recipe = load_recipe(recipe)
-        started = time.perf_counter()
-        folder = built_model_dir(recipe, force=force)
-        log.info("model ready at %s (%.1fs)", folder, time.perf_counter() - started)
-        started = time.perf_counter()
-        engine = load_engine(engine_config(recipe), folder)
-        log.info("engine %s loaded (%.1fs)", engine.name, time.perf_counter() - started)
-        return cls(recipe, engine)
+        return cls(*load_model(recipe, force=force))
 
     def params(self, **overrides) -> GenerationParams:
         """Generation settings: the recipe's defaults with the caller's non-None overrides."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        given.setdefault("max_tokens", self.recipe.serve.max_tokens)
+        given.setdefault("max_tokens", self.config.max_tokens)
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
         if 0 < given.get("temperature", 0) < MIN_TEMPERATURE:
@@ -79,7 +74,7 @@ class Assistant:
 
     def messages(self, messages: list[Message]) -> list[Message]:
         """The conversation as the engine sees it: the recipe's system prompt first if it has one."""
-        system = self.recipe.model.system_prompt
+        system = self.config.system_prompt
         if system and not (messages and messages[0]["role"] == "system"):
             return [{"role": "system", "content": system}, *messages]
         return list(messages)
@@ -129,10 +124,10 @@ class Assistant:
         future.result()  # re-raise what went wrong, if anything did
 
     def memory(self) -> dict:
-        """The same report as GET /memory."""
-        from deploy.capacity.memory import memory_report
-
-        return memory_report(self.engine, self.recipe)
+        """The same report as GET /memory; without a recipe behind it, the engine's own view."""
+        if self._memory is None:
+            return {"engine": {"backend": self.engine.name, **self.engine.memory().as_dict()}}
+        return self._memory()
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         # One event loop for all sync calls, on a thread of its own: engines that bind to the loop

@@ -2,7 +2,7 @@
 unauthenticated caller makes the server read nothing) and the request-body limits (size and time).
 
 Plain ASGI middlewares: Starlette's @app.middleware("http") wraps every streamed response in an
-extra task and memory stream, a cost paid on each SSE chunk (scripts/sse_overhead.py).
+extra task and memory stream, a cost paid on each SSE chunk (benchmarks/sse_overhead.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import hmac
 import json
 import time
 
-from deploy.serve.openai_protocol import error_body
+from deploy.serve.openai.protocol import error_body
 
 # A request body must arrive whole within this time: a client trickling a byte a second would
 # otherwise hold a connection (and its buffer) for as long as it likes.

@@ -23,7 +23,7 @@ async def _answer(assistant: Assistant, history: list[dict], out) -> str:
 def chat_loop(assistant: Assistant, stdin=None, out=None) -> None:
     stdin, out = stdin or sys.stdin, out or sys.stdout
     history: list[dict] = []
-    out.write(f"{assistant.recipe.serve.title} ({assistant.engine.name}). {HELP}\n")
+    out.write(f"{assistant.config.title} ({assistant.engine.name}). {HELP}\n")
     loop = asyncio.new_event_loop()
     try:
         while True:

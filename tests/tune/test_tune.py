@@ -1,0 +1,152 @@
+"""`python -m deploy tune`: on this CPU with the real bundled model and a short budget, and plan-only
+for a GPU this machine does not have."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.tune.candidates import Candidate, Verdict
+from deploy.tune.choose import choose
+
+ROOT = Path(__file__).resolve().parents[2]
+BUDGET_S = 90
+
+
+def deploy(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune")
+    started = time.monotonic()
+    run = deploy("tune", "recipes/smollm2-cpu.yaml", "--sessions", "4", "--min-top1", "0.95",
+                 "--budget", f"{BUDGET_S}s", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, json.loads((out / "report.json").read_text()), time.monotonic() - started
+
+
+def test_the_winning_recipe_validates_and_met_the_floor(tuned):
+    out, report, _ = tuned
+    assert deploy("validate", str(out / "recipe.yaml"), timeout=120).returncode == 0
+    chosen = [c for c in report["candidates"] if c["status"] == "chosen"]
+    assert len(chosen) == 1 and chosen[0]["label"] == report["winner"]
+    winner = chosen[0]
+    assert winner["measured"]["top1_agreement"] >= 0.95
+    assert winner["measured"]["failed_requests"] == 0
+    assert winner["measured"]["output_tok_per_s"]["median"] > 0
+    assert winner["measured"]["repeats"] == 3
+    import yaml
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    candidate = winner["candidate"]
+    assert recipe["engine"]["max_batch_size"] == candidate["max_batch_size"]
+    assert recipe["quantization"]["weights"] == candidate["weights"]
+    assert recipe["engine"]["backend"] == "transformers"
+    # The winner beat, or tied with, every other candidate that passed.
+    passed = [c for c in report["candidates"] if c["status"] == "measured"]
+    for other in passed:
+        assert (other["measured"]["output_tok_per_s"]["median"]
+                <= winner["measured"]["output_tok_per_s"]["median"]), other
+
+
+def test_every_candidate_says_why(tuned):
+    out, report, _ = tuned
+    text = (out / "report.md").read_text()
+    for c in report["candidates"]:
+        assert c["label"] in text
+        if c["status"] != "chosen":
+            assert c["reason"], c
+        if c["candidate"]["kv_cache"] != "none":  # the CPU engine has no quantized KV cache
+            assert c["status"] == "pruned" and "LMDeploy" in c["reason"]
+        if c["status"] == "failed" and c["measured"]:
+            assert "floor" in c["reason"] or "KL" in c["reason"]
+    # HQQ on SmolLM2's 576-wide layers: group sizes 64 and 32 are tried, 128 does not divide.
+    groups = {c["candidate"]["group_size"] for c in report["candidates"]
+              if c["candidate"]["weights"] == "w4a16"}
+    assert groups == {64, 32}
+    assert (out / "candidates.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_budget_bounds_the_measuring(tuned):
+    _, report, elapsed = tuned
+    unmeasured = [c for c in report["candidates"] if c["status"] == "unmeasured"]
+    measured = [c for c in report["candidates"] if c["measured"]]
+    assert measured and unmeasured, "a 90 s budget measures some candidates, not all"
+    assert all("budget" in c["reason"] for c in unmeasured)
+    # The reference is measured whatever the budget; after it, nothing starts that would not end
+    # within the budget, and a measurement that runs past it is stopped.
+    assert elapsed < BUDGET_S + 60
+
+
+def test_a_rerun_keeps_what_was_measured(tuned):
+    out, report, _ = tuned
+    files = {p.name: p.stat().st_mtime for p in (out / "measured").glob("*.json")}
+    started = time.monotonic()
+    run = deploy("tune", "recipes/smollm2-cpu.yaml", "--sessions", "4", "--min-top1", "0.95",
+                 "--budget", "1s", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert time.monotonic() - started < 30  # nothing re-measured
+    assert {p.name: p.stat().st_mtime for p in (out / "measured").glob("*.json")} == files
+    assert json.loads((out / "report.json").read_text())["winner"] == report["winner"]
+
+
+def test_plan_only_for_a_gpu_agrees_with_the_planner(tmp_path):
+    run = deploy("tune", "recipes/internlm2-chat-7b-w4a16.yaml", "--plan-only", "--gpu", "A10",
+                 "--sessions", "16", "--out", str(tmp_path), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not any(c["measured"] for c in report["candidates"])
+    # The recipe's own session_len is kept where anything fits at it.
+    winner = next(c for c in report["candidates"] if c["status"] == "chosen")
+    assert winner["candidate"]["session_len"] == 4096
+    plan = deploy("plan", str(tmp_path / "recipe.yaml"), "--gpu", "A10", "--sessions", "16", "--json",
+                  timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    predicted = json.loads(plan.stdout)
+    assert predicted["sessions_that_fit"] >= 16
+    assert predicted["nvidia_smi_used_bytes"] <= predicted["gpu_total_bytes"]
+    pruned = [c for c in report["candidates"] if c["status"] == "pruned"]
+    assert pruned and all(c["reason"] for c in pruned)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--gpu", "A10"], "--plan-only"),
+    (["--budget", "soon"], "20m"),
+    (["--goal", "cheap"], "throughput"),
+    (["--batch-sizes", "4,x"], "--batch-sizes"),
+    (["--sessions", "0"], "1 or more"),
+    (["--repeats", "0"], "1 or more"),
+])
+def test_wrong_flags_say_what_to_do(args, words):
+    run = deploy("tune", "recipes/smollm2-cpu.yaml", *args, timeout=120)
+    assert run.returncode == 2
+    assert words in run.stderr
+
+
+def _measured(label: str, weights: str, tok_s: tuple[float, float, float], top1: float) -> Verdict:
+    v = Verdict(Candidate("transformers", weights, "none", 4, 4096), label, True, 2**30, None, 8,
+                status="measured")
+    v.measured = {"failed_requests": 0, "top1_agreement": top1, "mean_kl": 0.01, "memory_bytes": 2**30,
+                  "output_tok_per_s": dict(zip(("median", "min", "max"), tok_s, strict=True)),
+                  "latency_ms": {"median": 1000 / tok_s[0], "min": 1000 / tok_s[2], "max": 1000 / tok_s[1]}}
+    return v
+
+
+def test_the_floor_comes_before_the_goal_and_overlaps_are_parity():
+    fast_bad = _measured("fast", "w4a16", (200, 190, 210), top1=0.80)
+    best = _measured("best", "none", (100, 95, 105), top1=1.0)
+    close = _measured("close", "none", (98, 90, 101), top1=1.0)
+    slow = _measured("slow", "none", (50, 48, 52), top1=1.0)
+    winner = choose([fast_bad, best, close, slow], "throughput", 0.95, 0.1, plan_only=False)
+    assert winner is best and best.status == "chosen"
+    assert fast_bad.status == "failed" and "0.800 is below the floor 0.95" in fast_bad.reason
+    assert "parity" in close.reason
+    assert slow.reason.endswith("lower")
