@@ -34,13 +34,18 @@ def agreement(p, q) -> tuple[int, float, int]:
     import torch
 
     vocab = min(p.shape[-1], q.shape[-1])
-    p, q = p[:, :vocab].float(), q[:, :vocab].float()
+    # Both renormalised over the full (shared) vocabulary in float64: a record stored in half
+    # precision, or a cut vocabulary, sums to slightly more or less than 1, and KL between such
+    # near-distributions came out negative (-3.5e-05, the reference against itself, in CI).
+    p = torch.log_softmax(p[:, :vocab].double(), dim=-1)
+    q = torch.log_softmax(q[:, :vocab].double(), dim=-1)
     agree = int((p.argmax(-1) == q.argmax(-1)).sum())
     # Tokens the reference gives probability 0 (a log-probability of -inf: engines mask unused
     # vocabulary rows) add nothing to KL(p || q); computed as 0 x (-inf - q) they would make it NaN.
     prob = p.exp()
     terms = torch.where(prob > 0, prob * (p - q), torch.zeros_like(prob))
-    return agree, float(terms.sum()), p.shape[0]
+    # KL of two distributions is >= 0; what float64 rounding leaves below it is noise.
+    return agree, float(terms.sum(-1).clamp_min(0).sum()), p.shape[0]
 
 
 class UnscorableLogits(RuntimeError):

@@ -2,7 +2,7 @@
 it. `load_engine` builds the one an `EngineConfig` (config.py) asks for.
 
 Engines never import the build, serve, bench, capacity or package stages, and read no recipe: only
-config.py knows the recipe's schema (tests/test_layers.py checks both).
+config.py knows the recipe's schema (tests/layers/test_layers.py checks both).
 """
 
 from __future__ import annotations

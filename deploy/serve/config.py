@@ -1,7 +1,7 @@
 """What serving needs from a recipe, narrowed at the boundary (as `EngineConfig` is for engines).
 
 `serve_config` and `load_model` are the only places on the serving side that read a recipe
-(tests/test_layers.py holds that): the server, its handlers, the UI and the terminal chat see a
+(tests/layers/test_layers.py holds that): the server, its handlers, the UI and the terminal chat see a
 frozen `ServeConfig` and an engine, never the recipe.
 """
 

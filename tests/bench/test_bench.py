@@ -90,7 +90,7 @@ def test_a_setting_with_nan_logits_is_reported_as_not_scored(recipe, assistant, 
     from deploy.serve.assistant import Assistant
 
     tasks = load_tasks(None, 2)
-    broken = Assistant(recipe, nan_logits_engine)
+    broken = Assistant(assistant.config, nan_logits_engine)
     sound, record = asyncio.run(_quality(assistant, tasks, 8, None))
     assert sound["top1_agreement"] is not None and "not_scored" not in sound
     nan, _ = asyncio.run(_quality(broken, tasks, 8, record))

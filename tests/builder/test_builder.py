@@ -1,7 +1,7 @@
 """The builder on the real bundled model: quantize (HQQ 4-bit on CPU), gate, resume, serve, publish.
 
 Publishing is driven against stand-ins, never a real hub: a local HTTP server that answers the
-Hugging Face upload API (tests/fake_hub.py, reached through HF_ENDPOINT), and a local bare git
+Hugging Face upload API (tests/fixtures/fake_hub.py, reached through HF_ENDPOINT), and a local bare git
 repository with git-lfs for OpenXLab's git push.
 """
 
@@ -111,7 +111,7 @@ def test_failed_gate_exits_4_and_says_why(tmp_path):
     assert run.returncode == 4
     assert "failed the quality gate" in run.stderr and "mean KL" in run.stderr
     assert "Traceback" not in run.stderr
-    # The verdict is recorded, so that serving can refuse these weights (tests/test_build_gate.py).
+    # The verdict is recorded, so that serving can refuse these weights (tests/builder/test_build_gate.py).
     assert read_manifest(load_recipe(path))["steps"]["verify"]["outputs"]["passed"] is False
 
 

@@ -1,7 +1,7 @@
 """Publishing never loses data. Driven against stand-ins, never a real hub: a local HTTP server
-that answers the Hugging Face API with its LFS protocol (tests/fake_hub.py, through HF_ENDPOINT), a
+that answers the Hugging Face API with its LFS protocol (tests/fixtures/fake_hub.py, through HF_ENDPOINT), a
 local bare git repository with git-lfs (file://), and a local git host over HTTP that demands Basic
-auth (tests/git_http.py) for OpenXLab's git push."""
+auth (tests/fixtures/git_http.py) for OpenXLab's git push."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def test_bundle_runs_and_serves(tmp_path):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     for name in ("app.py", "requirements.txt", "packages.txt", "README.md", "recipe.yaml",
-                 "deploy/serve/server.py", "model/config.json"):
+                 "deploy/serve/app.py", "model/config.json"):
         assert (out / name).is_file(), name
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\ntitle: SmolLM2 assistant (CPU)\n") and "sdk: gradio" in readme

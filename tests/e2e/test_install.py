@@ -40,7 +40,7 @@ def test_installed_wheel_builds_an_app_bundle_and_an_image_context(tmp_path):
     bundle = work / "bundle"
     assert (bundle / "app.py").read_text() == (ROOT / "app" / "app.py").read_text()
     assert "sdk: gradio" in (bundle / "README.md").read_text()
-    assert (bundle / "deploy" / "serve" / "server.py").is_file()
+    assert (bundle / "deploy" / "serve" / "app.py").is_file()
     assert not (bundle / "deploy" / "package" / "templates").exists()
 
     run = kit("image", "context", recipe, "--out", "ctx")

@@ -73,15 +73,17 @@ def test_memory_reports_weights_and_kv_per_token(assistant):
     assert memory.kv_bytes_per_token == 30 * 3 * 64 * 2 * 2
 
 
-def test_system_prompt_from_recipe_is_applied(assistant):
+def test_system_prompt_from_recipe_is_applied(recipe, assistant):
+    from deploy.serve.assistant import Assistant
+    from deploy.serve.config import serve_config
+
     assert assistant.messages(QUESTION) == QUESTION  # the shipped recipe sets none
-    assistant.recipe.model.system_prompt = "Be brief."
-    try:
-        assert assistant.messages(QUESTION)[0] == {"role": "system", "content": "Be brief."}
-        own = [{"role": "system", "content": "Mine."}, *QUESTION]
-        assert assistant.messages(own) == own
-    finally:
-        assistant.recipe.model.system_prompt = None
+    briefed = recipe.model_copy(deep=True)
+    briefed.model.system_prompt = "Be brief."
+    brief = Assistant(serve_config(briefed), assistant.engine)
+    assert brief.messages(QUESTION)[0] == {"role": "system", "content": "Be brief."}
+    own = [{"role": "system", "content": "Mine."}, *QUESTION]
+    assert brief.messages(own) == own
 
 
 def test_a_pad_token_the_chat_template_emits_is_found(assistant):

@@ -1,5 +1,5 @@
 """The early engine process's handshake (deploy/engines/engine_process.py), on real spawned
-processes. LMDeploy's own child needs a GPU (tests/test_lmdeploy_gpu.py adopts one there); here
+processes. LMDeploy's own child needs a GPU (tests/engines/test_lmdeploy_gpu.py adopts one there); here
 stand-in children publish a port the way LMDeploy's `_mp_proc` does, or die before they do."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Container images without a Docker engine: the generated build context, hadolint on the
-Dockerfiles, the compose files and `docker run`'s options. tests/test_containers.py builds and runs
+Dockerfiles, the compose files and `docker run`'s options. tests/e2e/test_containers.py builds and runs
 the images against a real engine."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_cpu_context_for_the_default_recipe(tmp_path):
         'ARG BUNDLED_MODEL=""', 'ARG BUNDLED_MODEL="SmolLM2-135M-Instruct"')
     assert any(line.startswith("torch==") and line.endswith("+cpu")
                for line in (ctx / "requirements.txt").read_text().splitlines())
-    assert (ctx / "deploy" / "serve" / "server.py").is_file() and not list(ctx.rglob("__pycache__"))
+    assert (ctx / "deploy" / "serve" / "app.py").is_file() and not list(ctx.rglob("__pycache__"))
     reqs = (ctx / "requirements.txt").read_text().splitlines()
     assert any(r.startswith("torch") for r in reqs) and any(r.startswith("fastapi") for r in reqs)
     inner = load_recipe(ctx / "recipe.yaml", check_files=False)

@@ -1,4 +1,4 @@
-"""Tool calling (deploy/serve/tools.py): InternLM2's tool format rendered into the prompt and read
+"""Tool calling (deploy/serve/openai/tool_calls.py): InternLM2's tool format rendered into the prompt and read
 back out of the answer, and the server's handling of `tools` and `tool_choice`.
 
 On this CPU the model is a random-weight InternLM2 (tools/make_random_internlm2.py, tiny
@@ -6,7 +6,7 @@ shapes, the project's own transformers code) on the transformers engine, through
 server and the official openai client. Random weights never write a call, so what the model sees
 is checked through the prompt's token count, and reading calls is checked on the text InternLM2
 writes. Forced calls (tool_choice "required" or named) need guided decoding: LMDeploy on a GPU
-(tests/test_lmdeploy_gpu.py); here they are refused by name.
+(tests/engines/test_lmdeploy_gpu.py); here they are refused by name.
 """
 
 from __future__ import annotations
