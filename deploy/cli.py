@@ -57,15 +57,22 @@ def build(recipe: Path, dry_run: bool, overwrite: bool) -> int:
     return 0
 
 
-def plan(recipe: Path, gpu: str | None, sessions: int | None, as_json: bool) -> int:
-    """Predict from config.json alone whether the recipe fits a GPU, and with what KV budget."""
+def plan(recipe: Path, gpu: str | None, sessions: int | None, disk_mb_s: float, as_json: bool) -> int:
+    """Predict from config.json alone whether the recipe fits a GPU, with what KV budget, and how
+    long a server takes to become ready (the probes of `image stack` and `image chart` allow for it)."""
     from deploy.builder.sources import model_config
     from deploy.capacity.planner import plan as make_plan
     from deploy.capacity.planner import render
+    from deploy.capacity.startup import predict_start, render_start
 
     loaded = load_recipe(recipe)
-    result = make_plan(loaded, model_config(loaded), gpu, sessions)
-    print(json.dumps(result.as_dict(), indent=2) if as_json else render(loaded, result))
+    config = model_config(loaded)
+    result = make_plan(loaded, config, gpu, sessions)
+    start = predict_start(loaded, config, disk_mb_s)
+    if as_json:
+        print(json.dumps({**result.as_dict(), "start": start.as_dict()}, indent=2))
+    else:
+        print(render(loaded, result) + "\n" + render_start(start))
     return 0 if result.fits else 3
 
 
@@ -118,20 +125,24 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 
 
 def image(action: str, recipe: Path, out: Path | None, port: int | None, replicas: int,
-          force: bool, ca_bundle: Path | None) -> int:
-    """Container images from the recipe: write the build context, build it, run it, or write a
-    compose file for several replicas behind one proxy (nginx for the CPU image, LMDeploy's for
-    the GPU image)."""
+          force: bool, ca_bundle: Path | None, disk_mb_s: float) -> int:
+    """Container images from the recipe: write the build context, build it, run it, write a
+    compose file for several replicas behind one proxy on this machine, a Docker Swarm stack for
+    several machines, or a Helm chart for Kubernetes."""
     from deploy.builder.manifest import built_model_dir, check_gate
     from deploy.package import image as images
 
     loaded = load_recipe(recipe)
+    if replicas < 1:
+        raise RecipeError(f"--replicas {replicas}: give 1 or more.")
+    out = out or image_dir(loaded.name) / action
+    if action in ("stack", "chart"):
+        return _scale_out(action, loaded, out, replicas, disk_mb_s)
     check_gate(loaded, force=force)  # mounted or baked, weights that failed the gate never ship
     # The built folder is needed to bake it into the image, or to mount it at `run`.
     baked = loaded.docker.weights == "bake" and action in ("context", "build")
     needs = images.needs_weights(loaded) and (baked or action == "run")
     folder = built_model_dir(loaded, force=force) if needs else None
-    out = out or image_dir(loaded.name)
     if action == "compose":
         out.mkdir(parents=True, exist_ok=True)
         for name, text in images.compose_files(loaded, replicas).items():
@@ -147,6 +158,33 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
             print(f"built {images.build_image(loaded, out)}")
         return 0
     images.run_container(loaded, folder, port)
+    return 0
+
+
+def _scale_out(action: str, recipe, out: Path, replicas: int, disk_mb_s: float) -> int:
+    """`image stack` and `image chart`: files for several machines, probes from the predicted start."""
+    from deploy.builder.sources import model_config
+    from deploy.capacity.startup import predict_start
+
+    start = predict_start(recipe, model_config(recipe), disk_mb_s)
+    if action == "chart":
+        from deploy.package.chart import write_chart
+
+        write_chart(recipe, out, replicas, start)
+        print(f"chart: {out} (startup probe allows {start.probe_grace_s} s; predicted ready after "
+              f"{start.total_s:.0f} s). Install it with: helm install {recipe.name.lower()} {out}")
+        return 0
+    from deploy.package.stack import deploy_commands, stack_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in stack_files(recipe, replicas, start).items():
+        (out / name).write_text(text)
+    steps = "\n".join(f"  {step}" for step in deploy_commands(str(out / "stack.yml"), recipe))
+    print(f"wrote {out / 'stack.yml'} and {out / 'nginx.conf'} (healthcheck start period "
+          f"{start.probe_grace_s} s; predicted ready after {start.total_s:.0f} s).\n"
+          "On the first machine: docker swarm init; on each other: the `docker swarm join ...` line it "
+          "prints. Every node needs the image (build it there, or push it to your registry). Then, "
+          f"on a manager:\n{steps}\nThe API answers on port 8000 of every node.")
     return 0
 
 
@@ -237,6 +275,7 @@ def _measure_verbs(verbs) -> None:
     flags.recipe(p)
     flags.gpu(p, "H100")
     flags.sessions(p)
+    flags.disk(p)
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
     p = verbs.add_parser("bench", help=bench.__doc__, description=bench.__doc__ + " Default "
@@ -284,12 +323,14 @@ def _measure_verbs(verbs) -> None:
 def _package_verbs(verbs) -> None:
     """image, app, app-try."""
     p = verbs.add_parser("image", help=image.__doc__.split(":")[0], description=image.__doc__)
-    p.add_argument("action", choices=["context", "build", "run", "compose"])
+    p.add_argument("action", choices=["context", "build", "run", "compose", "stack", "chart"])
     flags.recipe(p)
-    p.add_argument("--out", type=Path, help="where to write the context or compose file "
-                   "(default $XLAB_DEPLOY_HOME/images/NAME)")
+    p.add_argument("--out", type=Path, help="where to write the context, compose file, stack or "
+                   "chart (default $XLAB_DEPLOY_HOME/images/NAME/ACTION)")
     p.add_argument("--port", type=int, help="host port for `run` (default serve.port)")
-    p.add_argument("--replicas", type=int, default=2, help="API replicas for `compose`")
+    p.add_argument("--replicas", type=int, default=2, help="API replicas for `compose`, `stack` "
+                   "and `chart` (default 2)")
+    flags.disk(p)
     p.add_argument("--ca-bundle", type=Path, help="a PEM file of extra CAs the container trusts "
                    "(an intercepting proxy's), for downloads at run time")
     flags.force(p)

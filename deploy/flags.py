@@ -22,6 +22,14 @@ def sessions(parser: argparse.ArgumentParser, also: str = "") -> None:
                         f"(default: engine.max_batch_size){also}")
 
 
+def disk(parser: argparse.ArgumentParser) -> None:
+    from deploy.capacity.startup import DISK_MB_S
+
+    parser.add_argument("--disk-mb-s", type=float, default=DISK_MB_S, metavar="MB_S",
+                        help="how fast the serving machine reads the weights from disk, for the "
+                        f"predicted start (default {DISK_MB_S}: a cloud block volume)")
+
+
 def force(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="use quantized weights that failed the builder's quality gate or never "

@@ -12,6 +12,7 @@ import concurrent.futures
 import hmac
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 
@@ -20,7 +21,7 @@ from deploy.serve import api_errors, health
 from deploy.serve.assistant import Assistant
 from deploy.serve.config import ServeConfig
 from deploy.serve.context import ServeContext
-from deploy.serve.guards import BodyLimit, KeyGuard
+from deploy.serve.guards import BodyLimit, KeyGuard, ServedBy
 from deploy.serve.openai import chat, completions, models
 
 
@@ -40,6 +41,9 @@ def create_app(config: ServeConfig, assistant: Assistant | None = None, *, ui: b
     if api_key is not None:  # added last, so it runs first: before the body is read
         app.add_middleware(KeyGuard, api_key=api_key,
                            guarded=("/v1", "/memory", "/docs", "/redoc", "/openapi.json"))
+    replica = os.environ.get("XLAB_DEPLOY_REPLICA")
+    if replica:  # behind a proxy: which replica answered (the swarm stack and the chart set it)
+        app.add_middleware(ServedBy, replica=replica)
     api_errors.register(app)
     router = APIRouter()
     health.register(router, with_metrics=ctx.metrics is not None)
@@ -99,13 +103,22 @@ def _without_gradio_cors(app: FastAPI) -> None:
 
 
 def _api_key(config: ServeConfig) -> str | None:
+    """The key from the variable serve.api_key_env names, or from the file that `NAME_FILE` names
+    (a swarm or Kubernetes secret mounted as a file)."""
     name = config.api_key_env
     if name is None:
         return None
     value = os.environ.get(name)
+    if not value and os.environ.get(f"{name}_FILE"):
+        path = os.environ[f"{name}_FILE"]
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise RecipeError(f"{name}_FILE names {path}, which cannot be read ({exc.strerror}): "
+                              f"mount the secret there, or set {name} itself.") from None
     if not value:
         raise RecipeError(
-            f"serve.api_key_env names {name}, but it is not set: export {name}=... before "
-            "serving, or remove serve.api_key_env to serve without a key."
+            f"serve.api_key_env names {name}, but it is not set: export {name}=... (or {name}_FILE="
+            "a file holding it) before serving, or remove serve.api_key_env to serve without a key."
         )
     return value

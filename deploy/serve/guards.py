@@ -105,3 +105,22 @@ class KeyGuard:
                                 (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class ServedBy:
+    """Adds `X-Served-By: <replica>` to every response: behind a proxy, the client (and a test of
+    failover) can tell which replica answered. Plain ASGI, like the guards above."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (b"x-served-by", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_header)

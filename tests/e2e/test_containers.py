@@ -32,39 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 LABEL = "xlab-deploy.recipe"
 
 
-@pytest.fixture(scope="module")
-def engine():
-    """DOCKER_HOST and the base images' names, from the project's own engine script."""
-    env_before = {k: os.environ.get(k) for k in ("DOCKER_HOST", "XLAB_DEPLOY_BASE_IMAGE",
-                                                  "XLAB_DEPLOY_PROXY_IMAGE")}
-    running_before = subprocess.run(["docker", "version"], capture_output=True).returncode == 0 \
-        if shutil.which("docker") else False
-    if os.geteuid() != 0 and not running_before:
-        reason = "no Docker engine runs and starting one needs root"
-        pytest.fail(reason) if in_ci() else pytest.skip(reason)
-    run = subprocess.run(["bash", str(ROOT / "tools" / "docker_engine.sh")], capture_output=True,
-                         text=True)
-    if run.returncode:
-        message = f"tools/docker_engine.sh failed:\n{run.stderr[-2000:]}"
-        pytest.fail(message) if in_ci() else pytest.skip(message)
-    exports = dict(line.removeprefix("export ").split("=", 1) for line in run.stdout.split("\n") if line)
-    os.environ.update(exports)
-    import docker
-
-    client = docker.from_env()
-    started = set()
-    yield client, started
-    for container in client.containers.list(all=True, filters={"label": LABEL}):
-        container.remove(force=True)
-    if not running_before and os.environ.get("XLAB_KEEP_DOCKER") != "1":
-        subprocess.run(["bash", str(ROOT / "tools" / "docker_engine.sh"), "stop"], check=False)
-    for key, value in env_before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def kit(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deploy", *args], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)

@@ -27,7 +27,7 @@ ALLOWED = {
     "capacity": {"recipe", "engines"},
     "builder": {"recipe", "engines", "capacity", "home", "atomic"},
     "serve": {"recipe", "engines", "capacity", "builder"},  # builder: the manifest alone, see below
-    "package": {"recipe", "builder", "atomic", "home"},  # likewise
+    "package": {"recipe", "builder", "atomic", "home", "capacity"},  # builder: likewise
     "bench": {"recipe", "engines", "capacity", "builder", "serve"},
     "tune": {"recipe", "engines", "capacity", "bench", "atomic"},  # measures through bench's worker
     "home": set(),

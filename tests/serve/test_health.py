@@ -78,3 +78,23 @@ def test_the_container_healthcheck_reads_ready(api_server, monkeypatch):
     closed = subprocess.run([sys.executable, "-m", "deploy.serve.healthcheck"], capture_output=True,
                             env={"XLAB_DEPLOY_PORT": "1", "PATH": "/usr/bin:/bin"}, timeout=30)
     assert closed.returncode == 1
+
+
+def test_behind_a_proxy_each_answer_names_its_replica(serve_with, monkeypatch):
+    monkeypatch.setenv("XLAB_DEPLOY_REPLICA", "node-2/1")  # the swarm stack's template, filled in
+    with serve_with() as live:
+        assert httpx.get(live.url + "/health/ready").headers["x-served-by"] == "node-2/1"
+        chat = httpx.post(live.url + "/v1/chat/completions", json={
+            "model": live.config.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.headers["x-served-by"] == "node-2/1"
+
+
+def test_the_api_key_can_come_from_a_mounted_secret_file(serve_with, monkeypatch, tmp_path):
+    secret = tmp_path / "xlab_api_key"
+    secret.write_text("from-a-file\n")
+    monkeypatch.delenv("TEST_FILE_KEY", raising=False)
+    monkeypatch.setenv("TEST_FILE_KEY_FILE", str(secret))
+    with serve_with(api_key_env="TEST_FILE_KEY") as live:
+        assert httpx.get(live.url + "/v1/models").status_code == 401
+        keyed = httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer from-a-file"})
+        assert keyed.status_code == 200
