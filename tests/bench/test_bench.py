@@ -22,6 +22,7 @@ def bench_out(tmp_path_factory):
     return out, run
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_results_are_sane(bench_out):
     out, _ = bench_out
     results = json.loads((out / "results.json").read_text())
@@ -46,6 +47,7 @@ def test_results_are_sane(bench_out):
     assert 0.5 < w4["quality"]["top1_agreement"] <= 1.0 and 0 < w4["quality"]["mean_kl"] < 1.0
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_report_has_every_section_and_plot(bench_out):
     out, _ = bench_out
     report = (out / "report.md").read_text()
@@ -61,6 +63,7 @@ def test_report_has_every_section_and_plot(bench_out):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_rerun_keeps_measured_settings(bench_out):
     out, _ = bench_out
     before = (out / "transformers-bf16.json").read_text()

@@ -46,6 +46,7 @@ def fresh(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_group_size_change_reruns_the_gate_and_a_failed_gate_is_never_served(recipe_file):
     path = fresh(recipe_file("gate-follows-inputs", 32))
 
@@ -90,6 +91,7 @@ def test_group_size_change_reruns_the_gate_and_a_failed_gate_is_never_served(rec
         assert "Paris" in bot.chat("What is the capital of France?", max_tokens=16)
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_a_changed_task_file_reruns_only_the_gate(recipe_file, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"prompt": "What is the capital of France?"}\n')
@@ -105,6 +107,7 @@ def test_a_changed_task_file_reruns_only_the_gate(recipe_file, tmp_path):
     assert report["answers"][0]["prompt"] == "Name a primary colour."
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_unbuilt_or_unchecked_weights_are_refused_and_the_gate_can_be_switched_off(recipe_file):
     path = fresh(recipe_file("gate-never-ran", 32, prompts=2))
     recipe = load_recipe(path)
@@ -118,6 +121,7 @@ def test_unbuilt_or_unchecked_weights_are_refused_and_the_gate_can_be_switched_o
     check_gate(recipe)  # the recipe's own, explicit opt-out
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_a_gate_that_could_not_score_refuses_with_its_reason_and_force_serves(recipe_file,
                                                                               monkeypatch):
     """A real CPU build whose candidate returns NaN logits, as LMDeploy's PyTorch engine does with a
@@ -153,6 +157,7 @@ def test_a_gate_that_could_not_score_refuses_with_its_reason_and_force_serves(re
     assert built_model_dir(recipe, force=True) == Path(loads[1])  # the quantized weights, served
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_a_second_build_of_the_same_recipe_is_locked_out(recipe_file):
     from filelock import FileLock
 
@@ -190,6 +195,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_the_gate_holds_one_model_at_a_time(recipe_file, tmp_path):
     """Peak RSS of a build that runs only the gate is at most that of the larger model (the bf16
     original) doing the gate's work alone, plus a margin well below the 4-bit model's size."""

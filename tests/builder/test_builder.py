@@ -46,6 +46,7 @@ def built(tmp_path_factory):
     return recipe, build(recipe)
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_build_records_every_step_and_passes_the_gate(built):
     recipe, result = built
     steps = result.manifest["steps"]
@@ -60,6 +61,7 @@ def test_build_records_every_step_and_passes_the_gate(built):
     assert result.model_dir == Path(steps["quantize"]["outputs"]["model_dir"])
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_built_model_serves_with_4bit_weights(built, assistant):
     from deploy.engines import GenerationParams
     from deploy.serve.assistant import Assistant
@@ -73,6 +75,7 @@ def test_built_model_serves_with_4bit_weights(built, assistant):
     assert weights < 0.5 * assistant.engine.memory().weight_bytes  # 4-bit vs bf16
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_rerun_skips_finished_steps(built, capsys):
     recipe, first = built
     again = build(recipe)
@@ -81,6 +84,7 @@ def test_rerun_skips_finished_steps(built, capsys):
     assert capsys.readouterr().err.count("done earlier, skipped") == 5
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_killed_build_resumes_without_half_written_output(tmp_path):
     path = write_recipe(tmp_path, "test-build-killed")
     recipe = load_recipe(path)
@@ -104,6 +108,7 @@ def test_killed_build_resumes_without_half_written_output(tmp_path):
     assert (work / "quantized-hqq" / "qmodel.pt").is_file()
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_failed_gate_exits_4_and_says_why(tmp_path):
     path = write_recipe(tmp_path, "test-build-gate", verify={"prompts": 1, "max_mean_kl": 0.0})
     run = subprocess.run([sys.executable, "-m", "deploy", "build", str(path)], cwd=ROOT,
@@ -121,6 +126,7 @@ def published_recipe(tmp_path, hub: str, repo: str):
     return load_recipe(path)
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_publish_dry_run_lists_and_uploads_nothing(built, hub, tmp_path, capsys):
     recipe, result = built
     recipe = recipe.model_copy(deep=True)
@@ -135,6 +141,7 @@ def test_publish_dry_run_lists_and_uploads_nothing(built, hub, tmp_path, capsys)
         "dry_run" not in outcome.manifest["steps"]["publish"]["outputs"]
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_publish_to_hugging_face_through_a_local_stand_in(built, hub, tmp_path, monkeypatch, caplog,
                                                           capfd):
     from deploy.builder.publish import publish
@@ -166,6 +173,7 @@ def manifest_text(recipe) -> str:
     return path.read_text() if path.exists() else ""
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, monkeypatch, caplog,
                                                              capfd):
     need_git_lfs()
@@ -194,6 +202,7 @@ def test_publish_to_openxlab_by_git_lfs_push_to_a_local_repo(built, tmp_path, mo
     assert "qmodel.pt" in tracked  # the weights travelled as LFS objects
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_build_records_the_publish_and_refuses_a_remote_changed_since(built, tmp_path, monkeypatch):
     """Through the pipeline: the published head is recorded in the manifest; a remote that someone
     else changed since then is refused (PublishError, exit 5) until --overwrite."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import yaml
 
 from deploy.serve.ports import free_port
@@ -18,6 +19,7 @@ from deploy.serve.ports import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_bundle_runs_and_serves(tmp_path):
     out = tmp_path / "bundle"
     made = subprocess.run([sys.executable, "-m", "deploy", "app", "recipes/smollm2-cpu.yaml",

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_short_soak_leaks_nothing_and_never_fails_a_request(tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run([sys.executable, "-m", "benchmarks.soak", "recipes/smollm2-cpu.yaml",

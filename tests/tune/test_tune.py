@@ -33,6 +33,7 @@ def tuned(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text()), time.monotonic() - started
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_the_winning_recipe_validates_and_met_the_floor(tuned):
     out, report, _ = tuned
     assert deploy("validate", str(out / "recipe.yaml"), timeout=120).returncode == 0
@@ -57,6 +58,7 @@ def test_the_winning_recipe_validates_and_met_the_floor(tuned):
                 <= winner["measured"]["output_tok_per_s"]["median"]), other
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_every_candidate_says_why(tuned):
     out, report, _ = tuned
     text = (out / "report.md").read_text()
@@ -75,6 +77,7 @@ def test_every_candidate_says_why(tuned):
     assert (out / "candidates.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_the_budget_bounds_the_measuring(tuned):
     _, report, elapsed = tuned
     unmeasured = [c for c in report["candidates"] if c["status"] == "unmeasured"]
@@ -86,6 +89,7 @@ def test_the_budget_bounds_the_measuring(tuned):
     assert elapsed < BUDGET_S + 60
 
 
+@pytest.mark.slow  # over 20 s on the 2-core machine, itself or through its fixture
 def test_a_rerun_keeps_what_was_measured(tuned):
     out, report, _ = tuned
     files = {p.name: p.stat().st_mtime for p in (out / "measured").glob("*.json")}
