@@ -86,6 +86,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         build(recipe)
 
 
+@pytest.mark.slow  # a fresh process loads the model
 def test_readme_python_example_runs_as_written():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Use it from Python", 1)[1]

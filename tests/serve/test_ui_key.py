@@ -21,6 +21,7 @@ def keyed_ui(serve_with):
     del os.environ["TEST_UI_KEY"]
 
 
+@pytest.mark.slow  # gradio's import and its app's shutdown take over 20 s
 def test_gradio_api_needs_the_key(keyed_ui):
     from gradio_client import Client
 
@@ -66,6 +67,7 @@ def test_the_page_asks_for_the_key_then_chats(browser, keyed_ui, recipe):
     page.close()
 
 
+@pytest.mark.slow  # gradio's import and its app's shutdown take over 20 s
 def test_gradio_mode_answers_no_cors_preflight(gradio_server):
     """Gradio's own CORS middleware allowed localhost origins with credentials, on our API's
     paths too (its app is mounted at the root); the kit removes it."""
