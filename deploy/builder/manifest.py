@@ -50,6 +50,7 @@ def built_model_dir(recipe: Recipe, *, force: bool = False) -> Path:
     for name in ("quantize", "merge"):  # the last step that produced a model
         folder = steps.get(name, {}).get("outputs", {}).get("model_dir")
         if folder and Path(folder).is_dir():
+            _warn_if_changed(recipe, steps)
             return Path(folder)
     if recipe.model.source != "bundled":
         fetched = model_dir(recipe)
@@ -59,6 +60,46 @@ def built_model_dir(recipe: Recipe, *, force: bool = False) -> Path:
         f"{recipe.name} merges an adapter or quantizes its weights and has not been built: run "
         "`python -m deploy build RECIPE` first (make deploy does)."
     )
+
+
+def changed_since_build(recipe: Recipe, steps: dict) -> list[str]:
+    """The recipe fields that differ from those the recorded build steps read, as dotted paths."""
+    recorded = {name: step.get("inputs", {}) for name, step in steps.items()}
+    now = {
+        "model": recipe.model.model_dump(include={"source", "id", "path", "revision"}),
+        "model.adapter": recipe.model.adapter,
+        "quantization.weights": recipe.quantization.weights,
+        "quantization.group_size": recipe.quantization.group_size,
+        "quantization.calibration": recipe.quantization.calibration.model_dump(),
+        "quantization.verify": recipe.quantization.verify.model_dump(),
+    }
+    then = {
+        "model": recorded.get("fetch", {}).get("model"),
+        "model.adapter": recorded.get("merge", {}).get("adapter", recipe.model.adapter),
+        "quantization.weights": recorded.get("quantize", {}).get("weights"),
+        "quantization.group_size": recorded.get("quantize", {}).get("group_size"),
+        "quantization.calibration": {k: v for k, v in (recorded.get("quantize", {}).get("calibration")
+                                                      or {}).items() if k != "text"} or None,
+        "quantization.verify": recorded.get("verify", {}).get("verify"),
+    }
+    changed = []
+    for field, value in now.items():
+        old = then[field]
+        if old is None:  # that step did not run, or did not read this field (HQQ: no calibration)
+            continue
+        if isinstance(value, dict):
+            changed += [f"{field}.{key}" for key in value if key in old and old[key] != value[key]]
+        elif old != value:
+            changed.append(field)
+    return changed
+
+
+def _warn_if_changed(recipe: Recipe, steps: dict) -> None:
+    changed = changed_since_build(recipe, steps)
+    if changed:
+        log.warning("%s: serving the last verified build, but the recipe changed since it was built "
+                    "(%s): run `python -m deploy build RECIPE` to rebuild with the recipe as it is now",
+                    recipe.name, ", ".join(changed))
 
 
 def already_quantized(folder: Path) -> bool:
