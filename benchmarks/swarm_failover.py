@@ -41,6 +41,7 @@ RECIPE = ROOT / "recipes" / "smollm2-cpu.yaml"
 MODEL = "smollm2-cpu"
 KIT_IMAGE = "xlab-deploy/smollm2-cpu:latest"
 NODE_IMAGE = "local/swarm-node:bookworm"
+BASE_IMAGE = "local/bookworm:base"  # made by tools/docker_engine.sh
 PREFIX = "xlab-swarm-node-"
 NETWORK = "xlab-swarm"
 LABEL = "xlab-deploy.recipe=swarm-test"  # tools/docker_engine.sh stop removes what carries it
@@ -74,9 +75,7 @@ class Cluster:
 
     def up(self, images: list[str]) -> None:
         started = time.monotonic()
-        base = os.environ.get("XLAB_DEPLOY_BASE_IMAGE", "local/python:3.11").replace("python:3.11",
-                                                                                     "bookworm:base")
-        docker("build", "-q", "-t", NODE_IMAGE, "--build-arg", f"BASE={base}", "-f",
+        docker("build", "-q", "-t", NODE_IMAGE, "--build-arg", f"BASE={BASE_IMAGE}", "-f",
                str(ROOT / "docker" / "standins" / "Dockerfile.swarm-node"), str(ROOT / "docker" / "standins"))
         self.phases["node_image_s"] = round(time.monotonic() - started, 1)
         # A subnet the engine picks as free, made explicit so that nodes can keep fixed addresses.

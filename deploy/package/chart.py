@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from deploy.package.image import CONTAINER_MODELS, container_port, image_kind, image_tag, needs_weights
+from deploy.package.image import CONTAINER_MODELS, container_port, image_kind, image_tag, mounts_weights
 from deploy.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ def chart_name(recipe: Recipe) -> str:
 
 def chart_values(recipe: Recipe, replicas: int, start: StartPrediction) -> dict:
     repository, _, tag = image_tag(recipe).rpartition(":")
-    mount = needs_weights(recipe) and recipe.docker.weights == "mount"
     return {
         "image": {"repository": repository, "tag": tag or "latest", "pullPolicy": "IfNotPresent"},
         "replicaCount": replicas,
@@ -43,8 +42,8 @@ def chart_values(recipe: Recipe, replicas: int, start: StartPrediction) -> dict:
         else {"requests": {"cpu": "4", "memory": "32Gi"}},
         "apiKey": {"envName": recipe.serve.api_key_env or "", "secretName": "", "secretKey": "api-key"},
         # mount: a PersistentVolumeClaim that holds the built model folder (name it here).
-        "weights": {"existingClaim": "", "mountPath": f"{CONTAINER_MODELS}/{recipe.name}"} if mount
-        else {"existingClaim": "", "mountPath": ""},
+        "weights": {"existingClaim": "",
+                    "mountPath": f"{CONTAINER_MODELS}/{recipe.name}" if mounts_weights(recipe) else ""},
         # The startup probe allows the predicted start (`deploy plan`) with its margin.
         "startup": {"periodSeconds": PROBE_PERIOD_S,
                     "failureThreshold": math.ceil(start.probe_grace_s / PROBE_PERIOD_S)},

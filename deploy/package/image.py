@@ -53,6 +53,11 @@ def needs_weights(recipe: Recipe) -> bool:
     return not (recipe.model.source == "bundled" and recipe.quantization.weights == "none")
 
 
+def mounts_weights(recipe: Recipe) -> bool:
+    """The built folder is mounted into the container at run time (not baked into the image)."""
+    return needs_weights(recipe) and recipe.docker.weights == "mount"
+
+
 def container_recipe(recipe: Recipe) -> dict:
     """The recipe as the container sees it: weights at /models/NAME, listening on all interfaces."""
     data = recipe.model_dump()

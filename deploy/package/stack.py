@@ -22,15 +22,15 @@ from deploy.capacity.startup import StartPrediction
 from deploy.package.image import (
     CONTAINER_MODELS,
     LABEL,
+    PROXY_PORT,
     STOP_TIMEOUT,
     container_port,
     image_kind,
     image_tag,
-    needs_weights,
+    mounts_weights,
 )
 from deploy.recipe import Recipe
 
-PROXY_PORT = 8000
 SECRET = "xlab_api_key"
 
 
@@ -77,7 +77,7 @@ def model_service(recipe: Recipe, replicas: int, start: StartPrediction) -> dict
     if recipe.serve.api_key_env:
         env[f"{recipe.serve.api_key_env}_FILE"] = f"/run/secrets/{SECRET}"
         service["secrets"] = [SECRET]
-    if needs_weights(recipe) and recipe.docker.weights == "mount":
+    if mounts_weights(recipe):
         # The same path on every node that may run a replica (copy the built folder there).
         service["volumes"] = [{"type": "bind", "read_only": True,
                                "source": "${MODEL_DIR:?set MODEL_DIR to the built model folder, the "
@@ -139,7 +139,6 @@ def deploy_commands(stack_file: str, recipe: Recipe) -> list[str]:
     steps = []
     if recipe.serve.api_key_env:
         steps.append(f'printf %s "${recipe.serve.api_key_env}" | docker secret create {SECRET} -')
-    mounted = needs_weights(recipe) and recipe.docker.weights == "mount"
-    model = "MODEL_DIR=/path/on/every/node " if mounted else ""
+    model = "MODEL_DIR=/path/on/every/node " if mounts_weights(recipe) else ""
     steps.append(f"{model}docker stack deploy -c {stack_file} {recipe.name.lower()}")
     return steps
