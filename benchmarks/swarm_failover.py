@@ -20,10 +20,8 @@ tests/e2e/test_swarm.py runs the same in `make test`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks._common import cpu_name
 from deploy.serve.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,19 +242,6 @@ def write_stack(out: Path) -> None:
                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"deploy image stack failed: {run.stderr[-1500:]}")
-
-
-def cpu_name() -> str:
-    """The CPU and the flags that decide its speed (AVX2, AVX-512, AVX512-BF16, AMX)."""
-    name, flags = platform.processor(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
 def run(out: Path | None = None) -> dict:

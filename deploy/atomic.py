@@ -37,6 +37,21 @@ def atomic_dir(target: Path, *, keep_existing: bool = False) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a hidden path beside `target` for a writer that takes a file name (a C library, say);
+    when the block ends without error and the file exists it becomes `target`, else it is removed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write `data` to `path` through a temporary file and one rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

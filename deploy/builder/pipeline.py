@@ -233,9 +233,12 @@ def _merge(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
 
 
 def _quant_backend(recipe: Recipe) -> str | None:
-    """AWQ for LMDeploy on a GPU; HQQ for the transformers engine (CPU or GPU)."""
+    """AWQ for LMDeploy on a GPU; HQQ for the transformers engine (CPU or GPU); a GGUF type
+    written by llama.cpp for the llama.cpp engine."""
     if recipe.quantization.weights == "none":
         return None
+    if recipe.engine.backend == "llamacpp":
+        return "gguf"
     from deploy.engines import pick_backend
 
     return "awq" if pick_backend(recipe.engine.backend).startswith("lmdeploy") else "hqq"
@@ -250,6 +253,11 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"model_dir": str(source), "method": "prequantized"}
     target = work / f"quantized-{method}"
     shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
+    if method == "gguf":
+        from deploy.builder.gguf import gguf_quantize
+
+        gguf_quantize(recipe.quantization.weights, source, target)
+        return {"model_dir": str(target), "method": method, "type": recipe.quantization.weights}
     from deploy.builder.quantize import awq_quantize, hqq_quantize
 
     (awq_quantize if method == "awq" else hqq_quantize)(recipe, source, target)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from deploy import home
 from deploy.atomic import atomic_dir
+from deploy.builder.gguf import gguf_name, write_gguf
 from deploy.engines.base import HQQ_MARKER
 from deploy.errors import KitError
 from deploy.recipe import Recipe
@@ -129,12 +130,21 @@ def bundled_model_dir(name: str) -> Path:
             f"No bundled model named {name!r}; the kit bundles: {', '.join(BUNDLED)}."
         )
     target = home.bundled_model_dir(name)
-    if (target / "config.json").is_file():
-        return target
     gguf_dir, filename = _bundled_gguf(name)
-    log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
-    _convert_gguf(gguf_dir, filename, target)
+    if not (target / "config.json").is_file():
+        log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
+        _convert_gguf(gguf_dir, filename, target)
+    _add_f16_gguf(gguf_dir / filename, target / gguf_name(name, "none"))
     return target
+
+
+def _add_f16_gguf(source: Path, target: Path) -> None:
+    """The bundled model's own values as an F16 GGUF, for the llama.cpp engine (gguf.py says why);
+    skipped where llama-cpp-python is not installed (the transformers engine needs no GGUF)."""
+    if target.is_file() or importlib.util.find_spec("llama_cpp") is None:
+        return
+    log.info("Writing the bundled model's F16 GGUF for llama.cpp once: %s", target)
+    write_gguf(source, target, "none")
 
 
 def _bundled_gguf(name: str) -> tuple[Path, str]:

@@ -52,10 +52,28 @@ def load_engine(config: EngineConfig, model_dir: Path) -> Engine:
                                   max_batch_size=config.max_batch_size,
                                   chat_template=config.chat_template,
                                   trust_remote_code=config.trust_remote_code)
+    if config.backend == "llamacpp":
+        return _load_llamacpp(config, model_dir)
     check_lmdeploy_can_run(config)
     from deploy.engines.lmdeploy_engine import LMDeployEngine
 
     return LMDeployEngine(model_dir, config)
+
+
+def _load_llamacpp(config: EngineConfig, model_dir: Path) -> Engine:
+    try:
+        from deploy.engines.llamacpp_engine import LlamaCppEngine
+    except ImportError as exc:
+        raise RecipeError(
+            "engine.backend 'llamacpp' needs llama-cpp-python: run `make install` (it builds it "
+            "for any AVX2 CPU), or set engine.backend: transformers.") from exc
+    try:
+        return LlamaCppEngine(model_dir, session_len=config.session_len,
+                              max_batch_size=config.max_batch_size,
+                              chat_template=config.chat_template,
+                              trust_remote_code=config.trust_remote_code)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
 
 
 def check_lmdeploy_can_run(config: EngineConfig) -> None:

@@ -23,45 +23,18 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from deploy.engines.base import TokenLogprob
 from deploy.engines.lean_imports import cache_utils_without_hqq
+from deploy.engines.requests import END, Request
 
 _cache_utils = cache_utils_without_hqq()  # 1.4 s less on a CPU start (lean_imports.py)
 DynamicCache, DynamicLayer = _cache_utils.DynamicCache, _cache_utils.DynamicLayer
 
 log = logging.getLogger(__name__)
-
-END = object()  # handed to a request's sink after its last token
-
-
-@dataclass(eq=False)
-class Request:
-    """One answer being generated. `sink` receives, from the model thread, a list of new token
-    ids (each preceded by its TokenLogprob where `logprobs` is set), an exception, or END; it must
-    be thread-safe and must not block."""
-
-    prompt: list[int]
-    max_new: int
-    sink: Callable[[object], None]
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None  # None: none; k: the token's and the k likeliest others'
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times
-    generated: int = 0
-    length: int = 0  # tokens of this row in the KV cache (padding excluded)
-    last: int = 0  # the token the next step feeds
-    generator: torch.Generator | None = None
-
 
 class Batcher:
     def __init__(self, model, *, max_batch_size: int, eos: set[int], device: str):

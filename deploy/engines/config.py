@@ -16,7 +16,7 @@ from deploy.recipe import Recipe, chat_template_text
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["transformers", "lmdeploy-pytorch", "lmdeploy-turbomind"]
+Backend = Literal["transformers", "llamacpp", "lmdeploy-pytorch", "lmdeploy-turbomind"]
 
 
 @dataclass(frozen=True)

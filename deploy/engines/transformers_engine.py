@@ -23,14 +23,11 @@ from deploy.engines.base import (
     EngineActivity,
     EngineMemory,
     GenerationParams,
-    PromptTooLongError,
-    StopMatcher,
-    TokenLogprob,
 )
-from deploy.engines.batcher import END, Batcher, Request, can_batch
+from deploy.engines.batcher import Batcher, can_batch
 from deploy.engines.chat_format import eos_ids, load_tokenizer
-from deploy.engines.detokenize import incremental_decoder
 from deploy.engines.sizing import kv_bytes_per_token
+from deploy.engines.token_stream import stream_answer
 
 log = logging.getLogger(__name__)
 
@@ -85,64 +82,8 @@ class TransformersEngine(Engine):
 
     # -- the Engine interface ---------------------------------------------------------------
 
-    async def stream_tokens(self, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
-        room = self.session_len - len(prompt)
-        if room <= 0:
-            raise PromptTooLongError(len(prompt), self.session_len)
-        max_new = min(params.max_tokens, room)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def sink(item) -> None:  # called on the model thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        request = Request(prompt=prompt, max_new=max_new, sink=sink, temperature=params.temperature,
-                          top_p=params.top_p, seed=params.seed,
-                          presence_penalty=params.presence_penalty,
-                          frequency_penalty=params.frequency_penalty,
-                          repetition_penalty=params.repetition_penalty, logprobs=params.logprobs)
-        self._batcher.submit(request)
-        decoder = incremental_decoder(self.tokenizer, not params.keep_special_tokens)
-        stops = StopMatcher(params.stop)
-        generated = 0
-        hit_eos = False
-        try:
-            ended = False
-            while not ended:
-                tokens: list[int] = []
-                scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
-                # Take every token already waiting: a client that reads slower than the batch
-                # decodes gets them in one piece, and the event loop does less per token.
-                item = await queue.get()
-                while True:
-                    if isinstance(item, BaseException):
-                        raise item
-                    if item is END:
-                        ended = True
-                        break
-                    if isinstance(item, TokenLogprob):
-                        scores.append(item)
-                    else:
-                        tokens.extend(item)
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                generated += len(tokens)
-                hit_eos = hit_eos or any(t in self._batcher.eos for t in tokens)
-                # Special tokens kept (tool marks) must not include the end-of-answer token.
-                text = stops.feed(decoder.add([t for t in tokens if t not in self._batcher.eos]
-                                              if params.keep_special_tokens else tokens))
-                if text or scores:
-                    yield Delta(text, logprobs=scores)
-                if stops.stopped:
-                    break
-            tail = stops.feed(decoder.flush()) + stops.flush()
-            finish = "stop" if hit_eos or stops.stopped or generated < max_new else "length"
-            yield Delta(tail, finish, len(prompt), generated,
-                        [] if params.logprobs is not None else None)
-        finally:
-            self._batcher.cancel(request)  # frees the row at the next step if the client went away
+    def stream_tokens(self, prompt: list[int], params: GenerationParams) -> AsyncIterator[Delta]:
+        return stream_answer(self._batcher, self.tokenizer, prompt, params, self.session_len)
 
     async def activity(self) -> EngineActivity:
         return EngineActivity(self._batcher.active, self._batcher.waiting)

@@ -37,7 +37,7 @@ class ImageError(KitError):
 def image_kind(recipe: Recipe) -> str:
     if recipe.docker.image != "auto":
         return recipe.docker.image
-    return "cpu" if recipe.engine.backend == "transformers" else "gpu"
+    return "cpu" if recipe.engine.backend in ("transformers", "llamacpp") else "gpu"
 
 
 def image_tag(recipe: Recipe) -> str:
@@ -96,6 +96,11 @@ def requirements(kind: str) -> str:
             deps.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             deps.append(spec)
+    if kind == "cpu":  # the CPU engine (the `cpu` extra), at the version tested here
+        try:
+            deps.append(f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}")
+        except importlib.metadata.PackageNotFoundError:
+            deps.append("llama-cpp-python==0.3.36")
     return "\n".join(deps) + "\n"
 
 

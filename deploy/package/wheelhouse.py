@@ -10,6 +10,7 @@ each build context.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -27,6 +28,9 @@ class WheelhouseError(KitError):
 
 
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# llama-cpp-python is a source build: portable AVX2, ggml's own threads (the Makefile says why).
+LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                    "-DGGML_OPENMP=OFF")
 
 
 def wheelhouse(requirements: str, no_deps: tuple[str, ...] = (), torch: str | None = None) -> Path:
@@ -61,10 +65,11 @@ def _pip(*args: str) -> None:
     """pip with the host's own index settings; a +cpu torch pin may also need PyTorch's CPU index
     (the Makefile does the same)."""
     command = [sys.executable, "-m", "pip", *args[:1], "--quiet", *args[1:]]
-    run = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", LLAMA_CMAKE_ARGS)}
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
     if run.returncode:
         run = subprocess.run([*command, "--extra-index-url", TORCH_CPU_INDEX], capture_output=True,
-                             text=True)
+                             text=True, env=env)
     if run.returncode:
         raise WheelhouseError(
             "pip could not collect the image's wheels from this machine's package index: "

@@ -111,7 +111,9 @@ class Verify(_Section):
 
 
 class Quantization(_Section):
-    weights: Literal["none", "w4a16"] = Field("none", description="Weight quantization.")
+    weights: Literal["none", "w4a16", "q4_1", "q8_0"] = Field(
+        "none", description="Weight quantization. w4a16: AWQ (LMDeploy) or HQQ (transformers). "
+        "q4_1, q8_0: a GGUF of that type for engine.backend llamacpp.")
     group_size: int = Field(128, gt=0, description="Quantization group size for w4a16.")
     calibration: Calibration = Field(default_factory=Calibration)
     kv_cache: Literal["none", "int8", "int4"] = Field("none", description="KV-cache quantization.")
@@ -119,10 +121,10 @@ class Quantization(_Section):
 
 
 class Engine(_Section):
-    backend: Literal["auto", "transformers", "lmdeploy-pytorch", "lmdeploy-turbomind"] = Field(
+    backend: Literal["auto", "transformers", "llamacpp", "lmdeploy-pytorch", "lmdeploy-turbomind"] = Field(
         "auto",
         description="auto: TurboMind if available, else LMDeploy's PyTorch engine on a GPU, "
-        "else transformers.",
+        "else transformers. llamacpp: llama.cpp on a CPU, serving the model's GGUF file.",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Compute dtype; auto picks float16 on a GPU and bfloat16 on a CPU."
@@ -221,6 +223,21 @@ class Recipe(_Section):
     serve: Serve = Field(default_factory=Serve)
     docker: Docker = Field(default_factory=Docker)
     publish: Publish = Field(default_factory=Publish)
+
+    @model_validator(mode="after")
+    def _weights_fit_engine(self) -> Recipe:
+        weights, backend = self.quantization.weights, self.engine.backend
+        gguf = weights in ("q4_1", "q8_0")
+        if gguf and backend != "llamacpp":
+            raise ValueError(f"quantization.weights {weights!r} is a GGUF type, served by "
+                             "engine.backend: llamacpp; set that backend, or use w4a16")
+        if backend == "llamacpp" and weights == "w4a16":
+            raise ValueError("engine.backend llamacpp serves GGUF types: set quantization.weights "
+                             "to q4_1 (4-bit) or q8_0 (8-bit) instead of w4a16")
+        if backend == "llamacpp" and self.quantization.kv_cache != "none":
+            raise ValueError("engine.backend llamacpp keeps an fp16 KV cache: set "
+                             "quantization.kv_cache: none")
+        return self
 
     # Where the recipe was read from; relative paths in it are relative to this folder.
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

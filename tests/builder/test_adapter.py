@@ -42,6 +42,7 @@ def recipe_with_adapter(tmp_path: Path, adapter: Path, name: str) -> Path:
     data = yaml.safe_load((ROOT / "recipes" / "smollm2-cpu.yaml").read_text())
     data["name"] = name
     data["model"]["adapter"] = str(adapter)
+    data["engine"]["backend"] = "transformers"  # a merge writes safetensors; llama.cpp reads GGUF
     path.write_text(yaml.safe_dump(data))
     return path
 

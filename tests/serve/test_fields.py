@@ -8,7 +8,8 @@ import openai
 import pytest
 import torch
 
-from deploy.engines.batcher import Request, penalized
+from deploy.engines.batcher import penalized
+from deploy.engines.requests import Request
 
 REPEAT = [{"role": "user", "content": "Write the word 'cat' twenty times, separated by spaces."}]
 
@@ -59,12 +60,12 @@ def test_neutral_values_of_optional_fields_are_accepted(client, recipe):
       "tool_choice": "required"}, "tool_choice"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
 ])
-def test_fields_the_engine_lacks_are_refused_by_name(client, recipe, extra, field):
+def test_fields_the_engine_lacks_are_refused_by_name(client, recipe, assistant, extra, field):
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model=recipe.name, messages=REPEAT, max_tokens=4, **extra)
     error = raised.value.body
     assert error["param"] == field and error["code"] == "unsupported_parameter"
-    assert "transformers engine" in error["message"]
+    assert f"{assistant.engine.name} engine" in error["message"]
 
 
 def test_top_logprobs_alone_is_refused(client, recipe):

@@ -21,7 +21,7 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_requests_latency_tokens_and_build_info_are_counted(api_server, recipe):
+def test_requests_latency_tokens_and_build_info_are_counted(api_server, recipe, assistant):
     client = openai.OpenAI(base_url=api_server.url + "/v1", api_key="unused", max_retries=0)
     before = scrape(api_server.url)
     question = [{"role": "user", "content": "What is the capital of France?"}]
@@ -47,7 +47,7 @@ def test_requests_latency_tokens_and_build_info_are_counted(api_server, recipe):
     assert grew("xlab_prompt_tokens_total") == 2 * answer.usage.prompt_tokens
     assert grew("xlab_time_to_first_token_seconds_sum") > 0
     info = {dict(labels)["engine"] for (name, labels) in after if name == "xlab_build_info"}
-    assert info == {"transformers"}
+    assert info == {assistant.engine.name}
     assert ("xlab_requests_in_flight", frozenset()) in after
     assert value(after, "xlab_requests_running") == 0  # the engine reports its batch: idle now
 

@@ -46,7 +46,7 @@ def test_health_and_memory_schema(api_server):
     memory = httpx.get(api_server.url + "/memory").json()
     assert memory["gpus"] == [] and "NVML" in memory["gpu_reason"]  # this CPU has no GPU
     assert memory["process"]["rss_bytes"] > memory["engine"]["weight_bytes"] > 100e6
-    assert memory["engine"]["backend"] == "transformers"
+    assert memory["engine"]["backend"] == "llamacpp"  # the default recipe's engine
     assert memory["engine"]["kv_bytes_per_token"] > 0
     assert memory["settings"]["engine"]["session_len"] == 4096
     assert memory["settings"]["quantization"] == {"weights": "none", "kv_cache": "none"}

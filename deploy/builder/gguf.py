@@ -1,0 +1,63 @@
+"""GGUF files for the llama.cpp engine, written by llama.cpp itself (`llama_model_quantize`).
+
+- The bundled model arrives as a 4-bit GGUF (Q4_1). Its unquantized form for llama.cpp is an F16
+  GGUF of the same values: the fetch step writes it beside the bf16 safetensors copy, so that the
+  default recipe serves the model's own weights, and a 4-bit recipe has an original to be gated
+  against.
+- `quantization.weights: q4_1` or `q8_0` with `engine.backend: llamacpp`: the quantize step writes
+  that type from the F16 file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from deploy.atomic import atomic_dir, atomic_file
+
+# quantization.weights -> llama.cpp's file type name (LLAMA_FTYPE_MOSTLY_*)
+GGUF_TYPES = {"none": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1"}
+
+
+class GGUFError(RuntimeError):
+    """llama.cpp could not write the file."""
+
+
+def write_gguf(source: Path, target: Path, weights: str) -> Path:
+    """`source` rewritten as `target` in the type for `weights`, atomically (a reader sees no
+    file or a complete one)."""
+    import llama_cpp
+    import llama_cpp._logger as llama_log
+
+    llama_log.set_verbose(False)  # a line per tensor otherwise; errors still show
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{GGUF_TYPES[weights]}")
+    params.allow_requantize = True  # the source may itself be quantized (the bundled Q4_1)
+    params.nthread = os.cpu_count() or 1
+    with atomic_file(target) as tmp:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if status != 0 or not tmp.stat().st_size:
+            raise GGUFError(f"llama.cpp could not write {target.name} from {source} (status "
+                            f"{status}); check that the source is a complete GGUF file and the "
+                            "disk has room.")
+    return target
+
+
+def gguf_name(stem: str, weights: str) -> str:
+    return f"{stem}.{GGUF_TYPES[weights]}.gguf"
+
+
+def gguf_quantize(weights: str, source_dir: Path, out_dir: Path) -> Path:
+    """A model folder for the llama.cpp engine: `source_dir`'s tokenizer and config, and its GGUF
+    rewritten in the type `weights` names. The folder appears whole or not at all."""
+    from deploy.engines.llamacpp_engine import find_gguf
+
+    source = find_gguf(source_dir)
+    stem = source.name.removesuffix(".gguf").removesuffix(".F16")
+    with atomic_dir(out_dir) as work:
+        for item in Path(source_dir).iterdir():
+            if item.is_file() and item.suffix not in (".gguf", ".safetensors", ".bin", ".pt"):
+                shutil.copyfile(item, work / item.name)
+        write_gguf(source, work / gguf_name(stem, weights), weights)
+    return out_dir

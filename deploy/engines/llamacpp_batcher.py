@@ -1,0 +1,271 @@
+"""llama.cpp's model thread: every running request decodes in one `llama_decode` per step, and
+arriving prompts are prefilled in chunks inside the same call.
+
+Why a step loop here and not llama-cpp-python's `Llama`: `Llama` runs one sequence; the batch API
+underneath it (`llama_batch` with a sequence id per token) is what llama.cpp's own server uses to
+serve many. Each step the thread
+- feeds every decoding request's last token (one row each, always first: a decode never waits for
+  a prefill), then
+- spends what is left of the step's token budget (`chunk`) on waiting prompts, oldest first, a
+  piece of each; so a new arrival waits at most one step before its prefill starts, and a long
+  prompt is cut over several steps instead of stalling everyone's next token.
+
+The KV cache is llama.cpp's non-unified one: each sequence has its own stream of `session_len`
+cells, so a request's attention sees only its own cells in the same places whatever else runs.
+With the unified cache, 2 of 8 concurrent greedy answers differed from the same requests alone; with
+per-sequence streams all 8 matched (docs/cpu-runtimes.md). Sequence id `slots` (one past the last
+request slot) is kept for scoring (`logits`), which the gate and the benchmark call between steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from deploy.engines.np_sampling import generator_for, pick
+from deploy.engines.requests import END, Request
+
+log = logging.getLogger(__name__)
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a step (no KV room, or an internal error)."""
+
+
+class LlamaBatcher:
+    def __init__(self, gguf: Path, *, session_len: int, max_batch_size: int, eos: set[int],
+                 chunk: int = 256, threads: int | None = None):
+        import llama_cpp
+        import llama_cpp._logger as llama_log  # routes llama.cpp's log lines; quiet by default
+
+        llama_log.set_verbose(log.isEnabledFor(logging.DEBUG))
+        self._lib = llama_cpp
+        self.eos, self.slots, self.chunk = eos, max_batch_size, chunk
+        self._scoring_seq = max_batch_size
+        llama_cpp.llama_backend_init()
+        self._model = llama_cpp.llama_model_load_from_file(
+            str(gguf).encode(), llama_cpp.llama_model_default_params())
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {gguf}: is it a complete GGUF file?")
+        self._ctx = self._new_context(session_len, threads or os.cpu_count() or 1)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self.weight_bytes = int(llama_cpp.llama_model_size(self._model))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._calls: deque[tuple[Callable, Future]] = deque()
+        self._rows: dict[int, Request] = {}  # slot (sequence id) -> request
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="llama.cpp", daemon=True)
+        self._thread.start()
+
+    def _new_context(self, session_len: int, threads: int):
+        lib = self._lib
+        params = lib.llama_context_default_params()
+        self._n_batch = self.chunk + self.slots  # one step's tokens: every decode row + a chunk
+        params.n_batch = params.n_ubatch = self._n_batch
+        params.n_seq_max = self.slots + 1
+        params.n_ctx = session_len * params.n_seq_max  # split evenly: session_len per sequence
+        params.kv_unified = False
+        params.n_threads = params.n_threads_batch = threads
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise MemoryError(f"llama.cpp could not make a context of {params.n_ctx} tokens: lower "
+                              "engine.session_len or engine.max_batch_size in the recipe.")
+        return ctx
+
+    # -- what the engine calls, from any thread ------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("The engine is closed.")
+            self._waiting.append(request)
+            self._cv.notify()
+
+    def call(self, fn: Callable) -> Future:
+        """Run `fn()` on the model thread between two steps."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("The engine is closed.")
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def cancel(self, request: Request) -> None:
+        request.cancelled.set()
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+        self._lib.llama_free(self._ctx)
+        self._lib.llama_model_free(self._model)
+
+    # -- the model thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._calls or self._waiting or self._rows):
+                    self._cv.wait()
+                if self._closed:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                self._admit()
+            try:
+                self._run_calls(calls)
+                self._drop_cancelled()
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # a bug here must fail requests, never hang them
+                log.exception("the llama.cpp step failed")
+                self._finish(list(self._rows), exc)
+        self._fail_everything(RuntimeError("The engine was closed while this request ran."))
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.slots) if s not in self._rows]
+        while self._waiting and free:
+            request = self._waiting.popleft()
+            request.generator = generator_for(request)
+            self._rows[free.pop(0)] = request
+
+    def _run_calls(self, calls) -> None:
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the caller, not lost here
+                    future.set_exception(exc)
+
+    def _step(self) -> None:
+        outputs = self._fill_batch()
+        status = self._lib.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise LlamaCppError(f"llama_decode returned {status} (1: no room in the KV cache)")
+        done = []
+        for row, slot in outputs:
+            request = self._rows[slot]
+            token, score = pick(self._logits_row(row), request)
+            if self._advance(request, token, score):
+                done.append(slot)
+        self._finish(done)
+
+    def _fill_batch(self) -> list[tuple[int, int]]:
+        """Decode rows first, then prompt pieces; returns (batch row, slot) for rows with logits."""
+        self._batch.n_tokens = 0
+        outputs = []
+        prefilling = []
+        for slot, request in self._rows.items():
+            if request.length < len(request.prompt):
+                prefilling.append(slot)
+            else:
+                outputs.append((self._add(request.last, request.length, slot, True), slot))
+                request.length += 1
+        budget = self._n_batch - self._batch.n_tokens
+        for slot in prefilling:  # slots fill in arrival order, so this is oldest first
+            request = self._rows[slot]
+            piece = request.prompt[request.length:request.length + budget]
+            for i, token in enumerate(piece):
+                last = request.length + i == len(request.prompt) - 1
+                row = self._add(token, request.length + i, slot, last)
+                if last:
+                    outputs.append((row, slot))
+            request.length += len(piece)
+            budget -= len(piece)
+            if budget <= 0:
+                break
+        return outputs
+
+    def _add(self, token: int, position: int, seq: int, logits: bool) -> int:
+        batch, row = self._batch, self._batch.n_tokens
+        batch.token[row], batch.pos[row] = token, position
+        batch.n_seq_id[row], batch.seq_id[row][0] = 1, seq
+        batch.logits[row] = logits
+        batch.n_tokens = row + 1
+        return row
+
+    def _logits_row(self, row: int) -> np.ndarray:
+        pointer = self._lib.llama_get_logits_ith(self._ctx, row)
+        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+                                     shape=(self.vocab,))
+
+    def _advance(self, request: Request, token: int, score) -> bool:
+        """Hand `token` (and its log probability) to its request; True when it has finished."""
+        request.generated += 1
+        request.last = token
+        request.counts[token] = request.counts.get(token, 0) + 1
+        if score is not None:
+            request.sink(score)
+        request.sink([token])
+        return (token in self.eos or request.generated >= request.max_new
+                or request.cancelled.is_set())
+
+    def _drop_cancelled(self) -> None:
+        self._finish([s for s, r in self._rows.items() if r.cancelled.is_set()])
+
+    def _finish(self, slots, exc: BaseException | None = None) -> None:
+        """End these slots' requests (with `exc`, where given) and free their KV cells."""
+        for slot in slots:
+            request = self._rows.pop(slot)
+            if exc is not None:
+                request.sink(exc)
+            request.sink(END)
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._cv:
+            pending = list(self._waiting)
+            calls = list(self._calls)
+            self._waiting, self._calls = deque(), deque()
+        self._finish(list(self._rows), exc)
+        for request in pending:
+            request.sink(exc)
+            request.sink(END)
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+
+    # -- scoring, on the model thread through `call` ---------------------------------------------
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position of `ids` ([len, vocab] float32), computed in the
+        scoring sequence and forgotten afterwards."""
+        rows = []
+        seq = self._scoring_seq
+        try:
+            for start in range(0, len(ids), self._n_batch):
+                self._batch.n_tokens = 0
+                piece = ids[start:start + self._n_batch]
+                for i, token in enumerate(piece):
+                    self._add(token, start + i, seq, True)
+                status = self._lib.llama_decode(self._ctx, self._batch)
+                if status != 0:
+                    raise LlamaCppError(f"llama_decode returned {status} while scoring")
+                rows.extend(self._logits_row(i).copy() for i in range(len(piece)))
+        finally:
+            self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        return np.stack(rows)
