@@ -3,7 +3,8 @@
 Usage: python -m benchmarks.cpu_batching [--baseline DIR] [--reps 3] [--tokens 64] [--out FILE]
 
 Each round starts `python -m deploy serve recipes/smollm2-cpu.yaml` (the default recipe: the
-bundled SmolLM2-135M-Instruct, transformers, bf16) from each checkout in turn, then measures
+bundled SmolLM2-135M-Instruct; transformers bf16 until 2026-12-03, llama.cpp since) from each
+checkout in turn, then measures
 concurrency 1, 2, 4 and 8 with the benchmark's own client (deploy/bench/load.py: aggregate output
 tok/s, TTFT and TPOT), greedy, `--tokens` tokens per answer, 4 x concurrency requests (fewer leave
 the batch half-empty while the last answers finish).

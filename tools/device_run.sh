@@ -23,6 +23,7 @@
 #   bash tools/device_run.sh coldstart-tf BACKEND  # the same, the machine's transformers against
 #                                                    # .device/tfwhl's (a newer one), alternated
 #   bash tools/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
+#   bash tools/device_run.sh fp8 [--reference]     # benchmarks/gpu_fp8.py on the 7b model (TurboMind)
 #   bash tools/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
 #   bash tools/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
 # TurboMind: ../shared/device/fetch-turbomind-parts.sh .device/tm-parts makes 9 parts here; carry one
@@ -195,6 +196,8 @@ case "${1:-setup}" in
         tar czf "$OUT/tune.tgz" -C /tmp/tune-pack .
         [ $status = 0 ] || tail -c 3000 /tmp/tune-gpu/logs/*.log
         exit $status ;;
+  fp8) model 7b >/dev/null  # benchmarks/gpu_fp8.py: FP8 built, gated and served against fp16 (TurboMind)
+       XLAB_DEPLOY_HOME=/tmp/fp8-home python3 -m benchmarks.gpu_fp8 --model "$(model 7b)" --out "$OUT/fp8" "${@:2}" ;;
   tm-stage) mkdir -p /tmp/tmparts && cp .device/tm-carry/part* /tmp/tmparts/ && ls /tmp/tmparts ;;
   tm-assemble) cp .device/tm-carry/MD5 /tmp/tmparts/ 2>/dev/null || true
                (cd /tmp/tmparts && cat part* | md5sum | diff - MD5) || { echo "TurboMind parts: MD5 differs" >&2; exit 1; }

@@ -239,6 +239,8 @@ def _quant_backend(recipe: Recipe) -> str | None:
         return None
     if recipe.engine.backend == "llamacpp":
         return "gguf"
+    if recipe.quantization.weights == "fp8":
+        return "fp8"  # the kit's own converter, for any engine (builder/fp8.py says why)
     from deploy.engines import pick_backend
 
     return "awq" if pick_backend(recipe.engine.backend).startswith("lmdeploy") else "hqq"
@@ -253,6 +255,12 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"model_dir": str(source), "method": "prequantized"}
     target = work / f"quantized-{method}"
     shutil.rmtree(target, ignore_errors=True)  # inputs changed: the old output is stale
+    if method == "fp8":
+        from deploy.builder.fp8 import fp8_quantize, shard_count
+
+        with _progress(shard_count(source), "quantize: FP8 shards") as advance:
+            fp8_quantize(source, target, advance)
+        return {"model_dir": str(target), "method": method}
     if method == "gguf":
         from deploy.builder.gguf import gguf_quantize
 

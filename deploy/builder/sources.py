@@ -37,7 +37,9 @@ def model_dir(recipe: Recipe) -> Path:
     """A local folder with config, tokenizer and weights for the recipe's model, fetching if needed."""
     source = recipe.model.source
     if source == "bundled":
-        return bundled_model_dir(recipe.model.bundled_name)
+        # llama.cpp recipes (reference and candidate alike) read the GGUF: no bf16 copy needed.
+        return bundled_model_dir(recipe.model.bundled_name,
+                                 weights=recipe.engine.backend != "llamacpp")
     if source == "local":
         return check_model_dir(recipe.resolve(recipe.model.path))
     if source == "huggingface":
@@ -124,16 +126,19 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def bundled_model_dir(name: str) -> Path:
+def bundled_model_dir(name: str, weights: bool = True) -> Path:
+    """The bundled model as a model folder: tokenizer, config, its F16 GGUF where llama-cpp-python
+    is installed, and with `weights` a bf16 safetensors copy for the transformers engine (made
+    with torch; the llama.cpp engine and its image need neither)."""
     if name not in BUNDLED:
         raise ModelSourceError(
             f"No bundled model named {name!r}; the kit bundles: {', '.join(BUNDLED)}."
         )
     target = home.bundled_model_dir(name)
     gguf_dir, filename = _bundled_gguf(name)
-    if not (target / "config.json").is_file():
+    if not (target / "config.json").is_file() or weights and not (target / "model.safetensors").is_file():
         log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
-        _convert_gguf(gguf_dir, filename, target)
+        _convert_gguf(gguf_dir, filename, target, weights)
     _add_f16_gguf(gguf_dir / filename, target / gguf_name(name, "none"))
     return target
 
@@ -158,21 +163,33 @@ def _bundled_gguf(name: str) -> tuple[Path, str]:
     return Path(spec.submodule_search_locations[0]), filename
 
 
-def _convert_gguf(gguf_dir: Path, filename: str, target: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert_gguf(gguf_dir: Path, filename: str, target: Path, weights: bool) -> None:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    # Atomic: a reader sees no folder or a complete one. A folder made without weights is
+    # replaced whole when the weights are wanted later; otherwise another process may win the race.
+    with atomic_dir(target, keep_existing=not weights) as tmp:
+        if weights:
+            _save_bf16(gguf_dir, filename, tmp)
+        else:
+            config = AutoConfig.from_pretrained(gguf_dir, gguf_file=filename)
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _save_bf16(gguf_dir: Path, filename: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.bfloat16)
     # transformers refuses to save a model "quantized with gguf"; once dequantized on load it is a
     # plain model, so dropping the quantizer marker lets save_pretrained write safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Atomic: a reader sees no folder or a complete one; another process may win the race.
-    with atomic_dir(target, keep_existing=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    model.save_pretrained(out)
 
 
 def _from_huggingface(recipe: Recipe) -> Path:

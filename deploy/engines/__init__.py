@@ -104,6 +104,13 @@ def _refuse_unsupported_on_transformers(config: EngineConfig, model_dir: Path) -
             "transformers engine runs an unquantized KV cache. Set quantization.kv_cache: none, or "
             "use an lmdeploy backend on a GPU."
         )
+    if config.weights == "fp8":
+        from deploy.engines.fp8_format import is_fp8_folder
+
+        if not is_fp8_folder(model_dir):
+            raise RecipeError(f"quantization.weights 'fp8' needs FP8 weights, and {model_dir} holds "
+                              "none: run `python -m deploy build RECIPE` first (make deploy does).")
+        return
     if config.weights != "none" and not (Path(model_dir) / HQQ_MARKER).is_file():
         raise RecipeError(
             f"quantization.weights 'w4a16' needs quantized weights, and {model_dir} holds none: run "

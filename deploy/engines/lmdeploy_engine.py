@@ -63,7 +63,7 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         "quant_policy": QUANT_POLICY[config.kv_cache],
     }
     if config.backend == "lmdeploy-turbomind":
-        kwargs["model_format"] = "awq" if config.weights == "w4a16" else "hf"
+        kwargs["model_format"] = {"w4a16": "awq", "fp8": "fp8"}.get(config.weights, "hf")
         kwargs["cache_block_seq_len"] = BLOCK_TOKENS
     else:
         # The PyTorch engine reads AWQ from the checkpoint's quantization_config; its model_format
@@ -440,6 +440,11 @@ def _check_weights(weights: str, config: dict, model_dir: Path) -> None:
         raise RecipeError(
             f"{model_dir} holds AWQ weights: set quantization.weights: w4a16 in the recipe."
         )
+    if (weights == "fp8") != (method == "fp8"):
+        raise RecipeError(
+            f"quantization.weights is {weights!r} but {model_dir} holds "
+            f"{'FP8' if method == 'fp8' else 'no FP8'} weights: set quantization.weights to match, "
+            "or run `python -m deploy build RECIPE` again.")
 
 
 def _weight_file_bytes(model_dir: Path) -> int:

@@ -52,10 +52,13 @@ def parameter_counts(config: Any) -> dict[str, int]:
 
 def weight_bytes(config: Any, weights: str = "none", dtype: str = "auto", group_size: int = 128) -> int:
     """Bytes of the weights on the GPU. AWQ W4A16: int4 linears plus an fp16 scale and a packed
-    int4 zero point per group; embeddings, lm_head and norms stay fp16."""
+    int4 zero point per group; FP8: a byte per linear weight plus its blocks' multipliers;
+    embeddings, lm_head and norms stay fp16."""
     counts = parameter_counts(config)
     if weights == "none":
         return (counts["linear"] + counts["other"]) * DTYPE_BYTES[dtype]
+    if weights == "fp8":  # one byte per linear weight, a float32 multiplier per 128x128 block
+        return int(counts["linear"] * (1 + 4 / 128**2) + counts["other"] * 2)
     linear = counts["linear"]
     groups = linear / group_size
     return int(linear * 0.5 + groups * 2 + groups * 0.5 + counts["other"] * 2)

@@ -26,6 +26,7 @@ from deploy.engines.base import (
 )
 from deploy.engines.batcher import Batcher, can_batch
 from deploy.engines.chat_format import eos_ids, load_tokenizer
+from deploy.engines.fp8_format import is_fp8_folder, load_dequantized
 from deploy.engines.sizing import kv_bytes_per_token
 from deploy.engines.token_stream import stream_answer
 
@@ -59,7 +60,10 @@ class TransformersEngine(Engine):
         )
         self.tokenizer = load_tokenizer(model_dir, chat_template, trust_remote_code)
         self.hqq = (Path(model_dir) / HQQ_MARKER).is_file()
-        if self.hqq:  # 4-bit weights made by the builder (deploy/builder/quantize.py)
+        self.fp8 = is_fp8_folder(model_dir)
+        if self.fp8:  # blocked FP8 (builder/fp8.py), multiplied back: FP8's rounding, any device
+            self.model = load_dequantized(model_dir, self.dtype, trust_remote_code).to(self.device)
+        elif self.hqq:  # 4-bit weights made by the builder (deploy/builder/quantize.py)
             from hqq.models.hf.base import AutoHQQHFModel
 
             self.model = AutoHQQHFModel.from_quantized(str(model_dir), device=self.device,

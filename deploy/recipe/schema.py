@@ -111,8 +111,9 @@ class Verify(_Section):
 
 
 class Quantization(_Section):
-    weights: Literal["none", "w4a16", "q4_1", "q8_0"] = Field(
+    weights: Literal["none", "w4a16", "fp8", "q4_1", "q8_0"] = Field(
         "none", description="Weight quantization. w4a16: AWQ (LMDeploy) or HQQ (transformers). "
+        "fp8: blocked FP8 (128x128, e4m3), written by the kit for TurboMind on Hopper. "
         "q4_1, q8_0: a GGUF of that type for engine.backend llamacpp.")
     group_size: int = Field(128, gt=0, description="Quantization group size for w4a16.")
     calibration: Calibration = Field(default_factory=Calibration)
@@ -231,9 +232,9 @@ class Recipe(_Section):
         if gguf and backend != "llamacpp":
             raise ValueError(f"quantization.weights {weights!r} is a GGUF type, served by "
                              "engine.backend: llamacpp; set that backend, or use w4a16")
-        if backend == "llamacpp" and weights == "w4a16":
-            raise ValueError("engine.backend llamacpp serves GGUF types: set quantization.weights "
-                             "to q4_1 (4-bit) or q8_0 (8-bit) instead of w4a16")
+        if backend == "llamacpp" and weights in ("w4a16", "fp8"):
+            raise ValueError(f"engine.backend llamacpp serves GGUF types: set quantization.weights "
+                             f"to q4_1 (4-bit) or q8_0 (8-bit) instead of {weights}")
         if backend == "llamacpp" and self.quantization.kv_cache != "none":
             raise ValueError("engine.backend llamacpp keeps an fp16 KV cache: set "
                              "quantization.kv_cache: none")

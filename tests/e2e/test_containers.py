@@ -97,7 +97,7 @@ def test_cpu_image_builds_offline_runs_serves_and_drains(engine, tmp_path):
         model="ctest-cpu", max_tokens=8, stream=True, messages=[{"role": "user", "content": "Hi"}])]
     assert "".join(pieces)
     memory = httpx.get(f"http://127.0.0.1:{port}/memory", headers={"authorization": f"Bearer {key}"}).json()
-    assert memory["engine"]["backend"] == "transformers" and memory["process"]["rss_bytes"] > 0
+    assert memory["engine"]["backend"] == "llamacpp" and memory["process"]["rss_bytes"] > 0
     assert httpx.get(f"http://127.0.0.1:{port}/memory").status_code == 401
 
     # No secret in the image: not in its history, not in its config.

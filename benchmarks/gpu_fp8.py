@@ -1,0 +1,147 @@
+"""FP8 weights on Hopper through the kit: built by the kit, gated, served, against fp16, same call.
+
+Usage (on the GPU machine, TurboMind staged; tools/device_run.sh fp8 does this):
+  python -m benchmarks.gpu_fp8 --model DIR --out OUT [--repeats 3] [--settings fp16,fp8,fp8-kv8]
+      [--reference]
+
+1. `python -m deploy build` of an fp8 recipe over DIR (local source, TurboMind): the kit writes the
+   blocked-FP8 checkpoint and its quality gate compares it with fp16 on TurboMind. Exit code, time
+   and verify.json are kept. The fp8-kv8 setting serves that same folder.
+2. Each setting is served by `python -m deploy serve` (with --force where the gate refused: random
+   weights) at cache ratio 0.2, then measured at concurrency 1 (8 requests of 128 tokens, `repeats`
+   rounds after a warm-up) with the benchmark's client (deploy/bench/load.py), and GET /memory is
+   read beside `deploy plan --json`'s prediction.
+3. With --reference, `lmdeploy serve api_server` on the same fp16 and FP8 folders, the same client.
+Raw results: OUT/fp8.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from benchmarks.gpu_overhead import PROMPT, wait_ready
+from deploy.bench.load import run_load
+from deploy.serve.ports import free_port
+
+SETTINGS = {"fp16": ("none", "none"), "fp8": ("fp8", "none"), "fp8-kv8": ("fp8", "int8")}
+
+
+def write_recipe(out: Path, name: str, model: Path, weights: str, kv: str) -> Path:
+    data = {"name": f"gpu-{name}", "model": {"source": "local", "path": str(model)},
+            "quantization": {"weights": weights, "kv_cache": kv,
+                             "verify": {"prompts": 6, "answer_tokens": 24}},
+            "engine": {"backend": "lmdeploy-turbomind", "dtype": "float16", "session_len": 4096,
+                       "max_batch_size": 64, "cache_max_entry_count": 0.2},
+            "serve": {"mode": "api", "host": "127.0.0.1"}}
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def build_fp8(recipe: Path, out: Path) -> dict:
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "deploy", "build", str(recipe)], capture_output=True,
+                         text=True)
+    (out / "build-fp8.log").write_text(run.stdout + run.stderr)
+    from deploy.builder.manifest import work_dir
+    from deploy.recipe import load_recipe
+
+    work = work_dir(load_recipe(recipe))
+    verify = work / "verify.json"
+    if verify.is_file():
+        shutil.copy(verify, out / "verify-fp8.json")
+    folder = work / "quantized-fp8"
+    return {"exit_code": run.returncode, "seconds": time.perf_counter() - started,
+            "folder": str(folder),
+            "folder_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+            "verify": json.loads(verify.read_text()) if verify.is_file() else None}
+
+
+def c1(url: str, model: str, repeats: int) -> list[dict]:
+    asyncio.run(run_load(url, model, [PROMPT], 1, 2, 16))  # warm-up
+    return [{"round": r + 1, **asyncio.run(run_load(url, model, [PROMPT], 1, 8, 128)).as_dict()}
+            for r in range(repeats)]
+
+
+def serve_kit(recipe: Path, out: Path, repeats: int, force: bool) -> dict:
+    port, name = free_port(), yaml.safe_load(recipe.read_text())["name"]
+    plan = subprocess.run([sys.executable, "-m", "deploy", "plan", str(recipe), "--json"],
+                          capture_output=True, text=True)
+    started = time.perf_counter()
+    with (out / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port",
+                                 str(port), *(["--force"] if force else [])],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, "/health/ready")
+        ready = time.perf_counter() - started
+        return {"server": "xlab-deploy", "recipe": name, "ready_s": ready,
+                "c1": c1(url + "/v1", name, repeats), "memory": httpx.get(url + "/memory").json(),
+                "plan": json.loads(plan.stdout) if plan.returncode == 0 else plan.stderr[-2000:]}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+def serve_lmdeploy(folder: Path, fmt: str, out: Path, repeats: int) -> dict:
+    port = free_port()
+    with (out / f"api-server-{fmt}.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lmdeploy", "serve", "api_server", str(folder),
+                                 "--backend", "turbomind", "--model-format", fmt,
+                                 "--cache-max-entry-count", "0.2", "--session-len", "4096",
+                                 "--max-batch-size", "64", "--server-port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, "/v1/models")
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        return {"server": "lmdeploy api_server", "model_format": fmt, "c1": c1(url + "/v1", name, repeats)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", default="fp16,fp8,fp8-kv8")
+    parser.add_argument("--reference", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": str(args.model),
+                    "weights": "random", "servers": []}
+    fp8_recipe = write_recipe(args.out, "fp8", args.model, "fp8", "none")
+    result["build"] = build_fp8(fp8_recipe, args.out)
+    print("build:", {k: v for k, v in result["build"].items() if k != "verify"}, flush=True)
+    fp8_dir, refused = Path(result["build"]["folder"]), result["build"]["exit_code"] != 0
+    for name in args.settings.split(","):
+        weights, kv = SETTINGS[name]
+        recipe = fp8_recipe if name == "fp8" else write_recipe(
+            args.out, name, fp8_dir if weights == "fp8" else args.model, weights, kv)
+        result["servers"].append(serve_kit(recipe, args.out, args.repeats, refused and name == "fp8"))
+        print(name, [round(r["output_tok_per_s"], 1) for r in result["servers"][-1]["c1"]], flush=True)
+        (args.out / "fp8.json").write_text(json.dumps(result, indent=1))
+    if args.reference:
+        for folder, fmt in ((args.model, "hf"), (fp8_dir, "fp8")):
+            result["servers"].append(serve_lmdeploy(folder, fmt, args.out, args.repeats))
+            print("api_server", fmt, [round(r["output_tok_per_s"], 1) for r in result["servers"][-1]["c1"]],
+                  flush=True)
+            (args.out / "fp8.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
