@@ -19,16 +19,13 @@ from __future__ import annotations
 import inspect
 import logging
 import secrets
-import threading
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
 
 import torch
 import torch.nn.functional as F
 
 from deploy.engines.base import TokenLogprob
 from deploy.engines.lean_imports import cache_utils_without_hqq
+from deploy.engines.model_thread import ModelThread
 from deploy.engines.requests import END, Request
 
 _cache_utils = cache_utils_without_hqq()  # 1.4 s less on a CPU start (lean_imports.py)
@@ -36,82 +33,45 @@ DynamicCache, DynamicLayer = _cache_utils.DynamicCache, _cache_utils.DynamicLaye
 
 log = logging.getLogger(__name__)
 
-class Batcher:
+class Batcher(ModelThread):
     def __init__(self, model, *, max_batch_size: int, eos: set[int], device: str):
+        super().__init__("batcher")
         self.model = model
         self.device = device
         self.eos = eos
         self.max_batch_size = max_batch_size
-        self._cv = threading.Condition()
-        self._waiting: deque[Request] = deque()
-        self._calls: deque[tuple[Callable, Future]] = deque()
         self._rows: list[Request] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length]: 1 real, 0 padding
-        self._closed = False
         self._cache_kw = _cache_keyword(model)
         self._prefix = _SharedPrefix()
-        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
-    # -- what the engine calls, from any thread ------------------------------------------------
-
-    def submit(self, request: Request) -> None:
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("The engine is closed.")
-            self._waiting.append(request)
-            self._cv.notify()
-
-    def call(self, fn: Callable) -> Future:
-        """Run `fn()` on the model thread between two steps (the model is not shared across
-        threads)."""
-        future: Future = Future()
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("The engine is closed.")
-            self._calls.append((fn, future))
-            self._cv.notify()
-        return future
-
-    def cancel(self, request: Request) -> None:
-        request.cancelled.set()
-        with self._cv:
-            self._cv.notify()
+    # -- what the engine reads, from any thread (submit, call, cancel: model_thread.py) --------
 
     @property
     def active(self) -> int:
         return len(self._rows)
 
     @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
     def shared_prefix_tokens(self) -> int:
         return len(self._prefix.ids)
 
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join()
-
     # -- the model thread ------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self._rows)
+
+    def _admit_locked(self) -> list[Request]:
+        joining = []
+        while self._waiting and len(self._rows) + len(joining) < self.max_batch_size:
+            joining.append(self._waiting.popleft())
+        return joining
 
     def _run(self) -> None:
         with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not (self._closed or self._calls or self._waiting or self._rows):
-                        self._cv.wait()
-                    if self._closed:
-                        break
-                    calls = list(self._calls)
-                    self._calls.clear()
-                    joining = []
-                    while self._waiting and len(self._rows) + len(joining) < self.max_batch_size:
-                        joining.append(self._waiting.popleft())
+            while (work := self._next_work()) is not None:
+                calls, joining = work
                 try:
                     self._iterate(calls, joining)
                 except Exception as exc:  # a bug here must fail requests, never hang them
@@ -124,12 +84,7 @@ class Batcher:
         self._fail_everything(RuntimeError("The engine was closed while this request ran."))
 
     def _iterate(self, calls: list, joining: list[Request]) -> None:
-        for fn, future in calls:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # handed to the caller, not lost here
-                    future.set_exception(exc)
+        self._run_calls(calls)
         self._drop_cancelled()
         if joining:
             self._admit(joining)
@@ -291,18 +246,11 @@ class Batcher:
         if gone:
             self._remove(gone)
 
-    def _fail_everything(self, exc: BaseException) -> None:
-        with self._cv:
-            pending = list(self._rows) + list(self._waiting)
-            calls = list(self._calls)
-            self._rows, self._waiting, self._calls = [], deque(), deque()
-        for r in pending:
+    def _fail_rows(self, exc: BaseException) -> None:
+        rows, self._rows = self._rows, []
+        for r in rows:
             r.sink(exc)
             r.sink(END)
-        for _, future in calls:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(exc)
-
 
 def can_batch(model) -> bool:
     """Whether this model's KV cache is the plain per-layer kind the batcher pads and merges.

@@ -22,14 +22,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 
+from deploy.engines.model_thread import ModelThread
 from deploy.engines.np_sampling import generator_for, pick
 from deploy.engines.requests import END, Request
 
@@ -40,9 +37,10 @@ class LlamaCppError(RuntimeError):
     """llama.cpp refused a step (no KV room, or an internal error)."""
 
 
-class LlamaBatcher:
+class LlamaBatcher(ModelThread):
     def __init__(self, gguf: Path, *, session_len: int, max_batch_size: int, eos: set[int],
                  chunk: int = 256, threads: int | None = None):
+        super().__init__("llama.cpp")
         import llama_cpp
         import llama_cpp._logger as llama_log  # routes llama.cpp's log lines; quiet by default
 
@@ -60,12 +58,7 @@ class LlamaBatcher:
         self.weight_bytes = int(llama_cpp.llama_model_size(self._model))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._cv = threading.Condition()
-        self._waiting: deque[Request] = deque()
-        self._calls: deque[tuple[Callable, Future]] = deque()
         self._rows: dict[int, Request] = {}  # slot (sequence id) -> request
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="llama.cpp", daemon=True)
         self._thread.start()
 
     def _new_context(self, session_len: int, threads: int):
@@ -83,59 +76,26 @@ class LlamaBatcher:
                               "engine.session_len or engine.max_batch_size in the recipe.")
         return ctx
 
-    # -- what the engine calls, from any thread ------------------------------------------------
-
-    def submit(self, request: Request) -> None:
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("The engine is closed.")
-            self._waiting.append(request)
-            self._cv.notify()
-
-    def call(self, fn: Callable) -> Future:
-        """Run `fn()` on the model thread between two steps."""
-        future: Future = Future()
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("The engine is closed.")
-            self._calls.append((fn, future))
-            self._cv.notify()
-        return future
-
-    def cancel(self, request: Request) -> None:
-        request.cancelled.set()
-        with self._cv:
-            self._cv.notify()
+    # -- what the engine reads, from any thread (submit, call, cancel: model_thread.py) --------
 
     @property
     def active(self) -> int:
         return len(self._rows)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
     def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join()
+        super().close()
         self._lib.llama_batch_free(self._batch)
         self._lib.llama_free(self._ctx)
         self._lib.llama_model_free(self._model)
 
     # -- the model thread ------------------------------------------------------------------------
 
+    def _busy(self) -> bool:
+        return bool(self._rows)
+
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._closed or self._calls or self._waiting or self._rows):
-                    self._cv.wait()
-                if self._closed:
-                    break
-                calls = list(self._calls)
-                self._calls.clear()
-                self._admit()
+        while (work := self._next_work()) is not None:
+            calls, _ = work
             try:
                 self._run_calls(calls)
                 self._drop_cancelled()
@@ -146,20 +106,13 @@ class LlamaBatcher:
                 self._finish(list(self._rows), exc)
         self._fail_everything(RuntimeError("The engine was closed while this request ran."))
 
-    def _admit(self) -> None:
+    def _admit_locked(self) -> None:
+        """Waiting requests take free slots; their prompts are fed by the steps that follow."""
         free = [s for s in range(self.slots) if s not in self._rows]
         while self._waiting and free:
             request = self._waiting.popleft()
             request.generator = generator_for(request)
             self._rows[free.pop(0)] = request
-
-    def _run_calls(self, calls) -> None:
-        for fn, future in calls:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # handed to the caller, not lost here
-                    future.set_exception(exc)
 
     def _step(self) -> None:
         outputs = self._fill_batch()
@@ -236,18 +189,8 @@ class LlamaBatcher:
             request.sink(END)
             self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
 
-    def _fail_everything(self, exc: BaseException) -> None:
-        with self._cv:
-            pending = list(self._waiting)
-            calls = list(self._calls)
-            self._waiting, self._calls = deque(), deque()
+    def _fail_rows(self, exc: BaseException) -> None:
         self._finish(list(self._rows), exc)
-        for request in pending:
-            request.sink(exc)
-            request.sink(END)
-        for _, future in calls:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(exc)
 
     # -- scoring, on the model thread through `call` ---------------------------------------------
 

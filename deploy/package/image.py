@@ -136,13 +136,13 @@ def _bundled_tokenizer(recipe: Recipe, out: Path) -> None:
     them out of the GGUF takes transformers' GGUF reader, which needs torch, and the image has
     none; the image writes the F16 GGUF itself with llama.cpp."""
     out.mkdir()
-    if recipe.model.source != "bundled" or not llama_only(recipe):
+    if needs_weights(recipe) or not llama_only(recipe):  # a model folder of its own comes along
         return
-    from deploy.builder.sources import bundled_model_dir
+    from deploy.builder.manifest import built_model_dir
 
     name = recipe.model.bundled_name
     (out / name).mkdir()
-    for item in bundled_model_dir(name, weights=False).iterdir():
+    for item in built_model_dir(recipe).iterdir():
         if item.is_file() and item.suffix not in (".gguf", ".safetensors"):
             shutil.copyfile(item, out / name / item.name)
 

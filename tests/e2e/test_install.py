@@ -47,7 +47,8 @@ def test_installed_wheel_builds_an_app_bundle_and_an_image_context(tmp_path):
     assert run.returncode == 0, run.stderr
     ctx = work / "ctx"
     assert (ctx / "Dockerfile").read_text().startswith((ROOT / "docker" / "Dockerfile.cpu").read_text()[:400])
-    assert any(w.name.startswith("torch-") for w in (ctx / "wheels").iterdir())  # the wheelhouse
+    # the wheelhouse: the default recipe's image serves llama.cpp, without torch
+    assert any(w.name.startswith("llama_cpp_python-") for w in (ctx / "wheels").iterdir())
     requirements = (ctx / "requirements.txt").read_text().split()
     assert any(r.startswith("fastapi") for r in requirements)
     assert not any("extra ==" in r for r in requirements)
