@@ -176,15 +176,9 @@ class Batcher(ModelThread):
             self._remove(done)
 
     def _advance(self, request: Request, token: int, score: TokenLogprob | None) -> bool:
-        """Hand `token` (and its log probability) to its request; True when it has finished."""
-        request.generated += 1
-        request.last = token
-        request.counts[token] = request.counts.get(token, 0) + 1
-        if score is not None:
-            request.sink(score)
-        request.sink([token])
-        finished = (token in self.eos or request.generated >= request.max_new
-                    or request.cancelled.is_set())
+        """Hand `token` over; a finished request's sink also gets END here (its row is cut off
+        the batch afterwards)."""
+        finished = self._hand_over(request, token, score)
         if finished:
             request.sink(END)
         return finished

@@ -123,7 +123,7 @@ class LlamaBatcher(ModelThread):
         for row, slot in outputs:
             request = self._rows[slot]
             token, score = pick(self._logits_row(row), request)
-            if self._advance(request, token, score):
+            if self._hand_over(request, token, score):  # END comes with _finish
                 done.append(slot)
         self._finish(done)
 
@@ -165,17 +165,6 @@ class LlamaBatcher(ModelThread):
         pointer = self._lib.llama_get_logits_ith(self._ctx, row)
         return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
                                      shape=(self.vocab,))
-
-    def _advance(self, request: Request, token: int, score) -> bool:
-        """Hand `token` (and its log probability) to its request; True when it has finished."""
-        request.generated += 1
-        request.last = token
-        request.counts[token] = request.counts.get(token, 0) + 1
-        if score is not None:
-            request.sink(score)
-        request.sink([token])
-        return (token in self.eos or request.generated >= request.max_new
-                or request.cancelled.is_set())
 
     def _drop_cancelled(self) -> None:
         self._finish([s for s, r in self._rows.items() if r.cancelled.is_set()])

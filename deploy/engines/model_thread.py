@@ -84,6 +84,18 @@ class ModelThread:
             self._calls.clear()
             return calls, self._admit_locked()
 
+    def _hand_over(self, request: Request, token: int, score) -> bool:
+        """Give `token` (and its log probability, where asked) to its request; True when the
+        request has finished (end of answer, length, or cancelled). `self.eos` is the subclass's."""
+        request.generated += 1
+        request.last = token
+        request.counts[token] = request.counts.get(token, 0) + 1
+        if score is not None:
+            request.sink(score)
+        request.sink([token])
+        return (token in self.eos or request.generated >= request.max_new
+                or request.cancelled.is_set())
+
     @staticmethod
     def _run_calls(calls) -> None:
         for fn, future in calls:
