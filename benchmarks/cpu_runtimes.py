@@ -140,13 +140,15 @@ def rows(model_dir: Path, only: set[str] | None):
     """(name, factory, measures concurrency) for every row this machine can run."""
     import importlib.util
 
-    from deploy.builder.gguf import write_gguf
+    from deploy.builder.gguf import gguf_quantize
     from deploy.engines.chat_format import load_tokenizer
+    from deploy.engines.llamacpp_engine import find_gguf
 
-    f16 = next(model_dir.glob("*.F16.gguf"))
-    q4 = model_dir.parent / "SmolLM2-135M-Instruct.Q4_1.bench.gguf"
-    if not q4.is_file():
-        write_gguf(f16, q4, "q4_1")
+    f16 = find_gguf(model_dir)
+    q4_dir = model_dir.parent / "SmolLM2-135M-Instruct-q4_1-bench"  # what smollm2-cpu-q4 builds
+    if not q4_dir.is_dir():
+        gguf_quantize("q4_1", model_dir, q4_dir)
+    q4 = find_gguf(q4_dir)
     tokenizer = load_tokenizer(model_dir)
 
     def kit(backend, gguf=None):
@@ -155,7 +157,7 @@ def rows(model_dir: Path, only: set[str] | None):
                 from deploy.engines.transformers_engine import TransformersEngine
                 return KitRow(TransformersEngine(model_dir, dtype="bfloat16", max_batch_size=8))
             from deploy.engines.llamacpp_engine import LlamaCppEngine
-            folder = model_dir if gguf == f16 else _folder_with(model_dir, gguf)
+            folder = model_dir if gguf == f16 else q4_dir
             return KitRow(LlamaCppEngine(folder, session_len=2048, max_batch_size=8))
         return load
 
@@ -168,18 +170,6 @@ def rows(model_dir: Path, only: set[str] | None):
         found += [("openvino-genai Q4_1", lambda: OpenVINORow(q4, tokenizer), True),
                   ("openvino-genai F16", lambda: OpenVINORow(f16, tokenizer), True)]
     return [r for r in found if not only or r[0] in only]
-
-
-def _folder_with(model_dir: Path, gguf: Path) -> Path:
-    folder = gguf.with_suffix(".dir")
-    folder.mkdir(exist_ok=True)
-    for item in model_dir.iterdir():
-        if item.suffix not in (".gguf", ".safetensors"):
-            (folder / item.name).write_bytes(item.read_bytes())
-    link = folder / gguf.name
-    if not link.exists():
-        link.symlink_to(gguf)
-    return folder
 
 
 def _versions() -> dict:

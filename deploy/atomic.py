@@ -66,6 +66,17 @@ def write_json(path: Path, data: dict) -> None:
         raise
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
+
+
+def copy_model_files(source: Path, target: Path, skip: tuple[str, ...] = ()) -> None:
+    """A model folder's files other than its weights (tokenizer, config, templates) copied into
+    `target`, except the names in `skip`: for a folder whose weights are written anew."""
+    for item in Path(source).iterdir():
+        if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and item.name not in skip:
+            shutil.copyfile(item, target / item.name)
+
+
 def link_or_copy(src: str, dst: str) -> None:
     """A `copy_function` for shutil.copytree: multi-GB weights cost nothing to hard-link on the
     same disk; elsewhere they are copied."""

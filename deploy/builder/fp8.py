@@ -11,10 +11,9 @@ channel or tensor, not per 128x128 block).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from deploy.atomic import atomic_dir
+from deploy.atomic import atomic_dir, copy_model_files
 from deploy.engines.fp8_format import QUANTIZATION_CONFIG, SCALE_SUFFIX, quantize, quantized_name
 
 
@@ -46,10 +45,7 @@ def shard_count(source_dir: Path) -> int:
 def _copy_the_rest(source: Path, work: Path, scales: dict[str, str]) -> None:
     """config.json with FP8's quantization_config, the shard index with the scales added, and every
     other file (tokenizer, templates, generation config) as it is."""
-    for item in source.iterdir():
-        if item.is_file() and item.suffix not in (".safetensors", ".gguf") and item.name not in (
-                "config.json", "model.safetensors.index.json"):
-            shutil.copyfile(item, work / item.name)
+    copy_model_files(source, work, skip=("config.json", "model.safetensors.index.json"))
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = dict(QUANTIZATION_CONFIG)
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")

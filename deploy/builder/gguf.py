@@ -11,10 +11,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from deploy.atomic import atomic_dir, atomic_file
+from deploy.atomic import atomic_dir, atomic_file, copy_model_files
 
 # quantization.weights -> llama.cpp's file type name (LLAMA_FTYPE_MOSTLY_*)
 GGUF_TYPES = {"none": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1"}
@@ -56,8 +55,6 @@ def gguf_quantize(weights: str, source_dir: Path, out_dir: Path) -> Path:
     source = find_gguf(source_dir)
     stem = source.name.removesuffix(".gguf").removesuffix(".F16")
     with atomic_dir(out_dir) as work:
-        for item in Path(source_dir).iterdir():
-            if item.is_file() and item.suffix not in (".gguf", ".safetensors", ".bin", ".pt"):
-                shutil.copyfile(item, work / item.name)
+        copy_model_files(source_dir, work)
         write_gguf(source, work / gguf_name(stem, weights), weights)
     return out_dir

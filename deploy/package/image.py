@@ -94,8 +94,10 @@ def requirements(kind: str, torch_free: bool = False) -> str:
     (`torch_free`, for llama.cpp)."""
     deps = []
     for spec in importlib.metadata.requires("xlab-deploy") or []:
-        if "extra ==" in spec:
+        # Extras stay out, except the CPU engine (the `cpu` extra) in a CPU image.
+        if "extra ==" in spec and not (kind == "cpu" and 'extra == "cpu"' in spec):
             continue
+        spec = spec.split(";")[0].strip()
         name = re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]
         if torch_free and name in TORCH_ONLY:
             continue
@@ -108,11 +110,6 @@ def requirements(kind: str, torch_free: bool = False) -> str:
             deps.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             deps.append(spec)
-    if kind == "cpu":  # the CPU engine (the `cpu` extra), at the version tested here
-        try:
-            deps.append(f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}")
-        except importlib.metadata.PackageNotFoundError:
-            deps.append("llama-cpp-python==0.3.36")
     return "\n".join(deps) + "\n"
 
 
@@ -138,13 +135,11 @@ def _bundled_tokenizer(recipe: Recipe, out: Path) -> None:
     out.mkdir()
     if needs_weights(recipe) or not llama_only(recipe):  # a model folder of its own comes along
         return
+    from deploy.atomic import copy_model_files
     from deploy.builder.manifest import built_model_dir
 
-    name = recipe.model.bundled_name
-    (out / name).mkdir()
-    for item in built_model_dir(recipe).iterdir():
-        if item.is_file() and item.suffix not in (".gguf", ".safetensors"):
-            shutil.copyfile(item, out / name / item.name)
+    (out / recipe.model.bundled_name).mkdir()
+    copy_model_files(built_model_dir(recipe), out / recipe.model.bundled_name)
 
 
 def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *,
