@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -88,7 +89,12 @@ def main() -> None:
     summary = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(f"median over {len(runs)} runs: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "median": summary}, indent=2))
+        from benchmarks._common import cpu_name
+
+        record = {"recipe": str(args.recipe), "code": str(args.code or ROOT), "machine": cpu_name(),
+                  "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "runs": runs,
+                  "median": summary}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ ENGINE_START = {
     # docs/data/cpu-coldstart-2026-11-26/after-round2.json
     "transformers": (5.0, "CPU, SmolLM2-135M, 3 starts, 2026-11-26"),
     # the same CPU, the default recipe (F16 GGUF, Gradio UI), 3 starts to ready:
-    # docs/data/cpu-coldstart-llamacpp.json
-    "llamacpp": (8.9, "CPU, SmolLM2-135M F16 GGUF, 3 starts, 2026-12-03"),
+    # docs/data/cpu-coldstart-llamacpp-lean.json (no transformers import at the start)
+    "llamacpp": (3.5, "CPU, SmolLM2-135M F16 GGUF, 3 starts, 2026-12-03"),
     # H100, InternLM2-7B shapes, 3 starts: docs/data/gpu-2026-11-26-coldstart-turbomind/
     "lmdeploy-turbomind": (19.1, "H100, InternLM2-7B shapes, 3 starts, 2026-11-26"),
     # H100, 3 starts with the engine process spawned first (docs/benchmarks.md, "The engine process

@@ -4,7 +4,8 @@ On this project's 2-core AVX2 machine it decoded the bundled SmolLM2 GGUF at abo
 transformers engine's speed, one stream and eight (docs/cpu-runtimes.md). The model thread is in
 llamacpp_batcher.py; prompts are rendered by the kit (chat_format.py) and handed over as token ids,
 so every engine sees the same prompt. The Hugging Face tokenizer beside the GGUF and the GGUF's
-own vocabulary are the same one; the engine checks their sizes agree.
+own vocabulary are the same one; the engine checks their sizes agree. A folder with a
+tokenizer.json is read without transformers (lean_tokenizer.py), so a llama.cpp image needs none.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def find_gguf(model_dir: Path) -> Path:
                      " keep one.")
 
 
+def _tokenizer(model_dir: Path, chat_template: str | None, trust_remote_code: bool):
+    """The lean tokenizer where the folder has a fast tokenizer's file; transformers otherwise (a
+    model whose tokenizer is its own code, say)."""
+    if (Path(model_dir) / "tokenizer.json").is_file() and not trust_remote_code:
+        from deploy.engines.lean_tokenizer import LeanTokenizer
+
+        return LeanTokenizer(model_dir, chat_template)
+    return load_tokenizer(model_dir, chat_template, trust_remote_code)
+
+
 class LlamaCppEngine(Engine):
     name = "llamacpp"
     # tools: rendered and read back by the server; a required tool_choice needs guided decoding.
@@ -45,7 +56,7 @@ class LlamaCppEngine(Engine):
         from deploy.engines.llamacpp_batcher import LlamaBatcher
 
         self.gguf = find_gguf(model_dir)
-        self.tokenizer = load_tokenizer(model_dir, chat_template, trust_remote_code)
+        self.tokenizer = _tokenizer(model_dir, chat_template, trust_remote_code)
         config = Path(model_dir) / "config.json"
         self.model_config = json.loads(config.read_text()) if config.is_file() else {}
         trained = self.model_config.get("max_position_embeddings")

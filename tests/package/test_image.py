@@ -46,13 +46,23 @@ def test_cpu_context_for_the_default_recipe(tmp_path):
     assert not list((ctx / "bundled").rglob("*.gguf")) and not list((ctx / "bundled").rglob("*.safetensors"))
     assert (ctx / "deploy" / "serve" / "app.py").is_file() and not list(ctx.rglob("__pycache__"))
     reqs = (ctx / "requirements.txt").read_text().splitlines()
-    assert not any(r.split("=")[0] in ("torch", "accelerate", "hqq", "peft") for r in reqs)
-    assert "llama-cpp-python==0.3.36" in reqs and any(r.startswith("fastapi") for r in reqs)
+    names = {r.split("=")[0] for r in reqs}
+    # No torch, no transformers (the lean tokenizer reads tokenizer.json), no Docker SDK.
+    assert not names & {"torch", "accelerate", "hqq", "peft", "transformers", "safetensors", "docker"}
+    assert "llama-cpp-python==0.3.36" in reqs and {"fastapi", "tokenizers", "gradio"} <= names
     inner = load_recipe(ctx / "recipe.yaml", check_files=False)
     assert inner.model.source == "bundled"  # the bundled model ships in the image's packages
     assert inner.serve.host == "0.0.0.0" and inner.serve.port == 7860
     assert (ctx / "models" / ".keep").is_file()
     assert hadolint(ctx / "Dockerfile").returncode == 0
+
+
+def test_an_api_image_has_no_ui_library(tmp_path):
+    default = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    recipe = default.model_copy(update={"serve": default.serve.model_copy(update={"mode": "api"})})
+    ctx = images.build_context(recipe, tmp_path / "ctx", wheels=False)
+    names = {r.split("=")[0] for r in (ctx / "requirements.txt").read_text().split()}
+    assert "gradio" not in names and {"fastapi", "uvicorn", "llama-cpp-python"} <= names
 
 
 def test_gpu_context_mounts_weights_and_drops_torch(tmp_path):

@@ -82,7 +82,9 @@ def test_the_budget_bounds_the_measuring(tuned):
     _, report, elapsed = tuned
     unmeasured = [c for c in report["candidates"] if c["status"] == "unmeasured"]
     measured = [c for c in report["candidates"] if c["measured"]]
-    assert measured and unmeasured, "a 90 s budget measures some candidates, not all"
+    assert measured
+    # On the AVX2-only machines of this kind 90 s measured some candidates, not all; an AVX-512
+    # BF16 one measured all of them within it (2026-12-03). Whatever is left must name the budget.
     assert all("budget" in c["reason"] for c in unmeasured)
     # The reference is measured whatever the budget; after it, nothing starts that would not end
     # within the budget, and a measurement that runs past it is stopped.
