@@ -21,6 +21,19 @@ from deploy.recipe import RecipeError, json_schema, load_recipe
 log = logging.getLogger("deploy")
 
 
+def _load(path: Path, gpu: str | None = None):
+    """The recipe, with `quantization.weights: auto` resolved for `gpu` or this machine (and the
+    choice printed: it decides what gets built)."""
+    from deploy.engines import resolve_weights
+
+    recipe = load_recipe(path)
+    resolved = resolve_weights(recipe, gpu)
+    if resolved is not recipe:
+        print(f"quantization.weights auto -> {resolved.quantization.weights} (see the log line above "
+              "for why)", file=sys.stderr)
+    return resolved
+
+
 def validate(recipes: list[Path]) -> int:
     """Check recipes in full; print each one's verdict."""
     failed = 0
@@ -52,7 +65,7 @@ def build(recipe: Path, dry_run: bool, overwrite: bool) -> int:
     finished steps; a killed build resumes."""
     from deploy.builder.pipeline import build as run_build
 
-    result = run_build(load_recipe(recipe), publish_dry_run=dry_run, publish_overwrite=overwrite)
+    result = run_build(_load(recipe), publish_dry_run=dry_run, publish_overwrite=overwrite)
     print(f"model ready: {result.model_dir}")
     return 0
 
@@ -65,7 +78,7 @@ def plan(recipe: Path, gpu: str | None, sessions: int | None, disk_mb_s: float, 
     from deploy.capacity.planner import render
     from deploy.capacity.startup import predict_start, render_start
 
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe, gpu)
     config = model_config(loaded)
     result = make_plan(loaded, config, gpu, sessions)
     start = predict_start(loaded, config, disk_mb_s)
@@ -97,7 +110,7 @@ def tune(recipe: Path, gpu: str | None, sessions: int | None, min_top1: float | 
     from deploy.tune import parse_budget
     from deploy.tune import tune as run_tune
 
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe, gpu)
     out = out or Path("tune-results") / loaded.name
     result = run_tune(loaded, model_config(loaded), out, gpu=gpu, sessions=sessions,
                       min_top1=min_top1, goal=goal, budget_s=parse_budget(budget),
@@ -132,7 +145,7 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
     from deploy.builder.manifest import built_model_dir, check_gate
     from deploy.package import image as images
 
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe)
     if replicas < 1:
         raise RecipeError(f"--replicas {replicas}: give 1 or more.")
     out = out or image_dir(loaded.name) / action
@@ -193,7 +206,7 @@ def app(recipe: Path, out: Path, force: bool) -> int:
     README.md with OpenXLab's front matter, recipe.yaml and the kit."""
     from deploy.package.app_bundle import write_bundle
 
-    bundle = write_bundle(load_recipe(recipe), out, force=force)
+    bundle = write_bundle(_load(recipe), out, force=force)
     print(f"app bundle: {bundle}; run it with `python app.py` there")
     return 0
 
@@ -214,7 +227,7 @@ def serve(recipe: Path | None, host: str | None, port: int | None, force: bool) 
 
     if recipe is None:
         raise RecipeError("Give a recipe: python -m deploy serve RECIPE (or set XLAB_DEPLOY_RECIPE).")
-    loaded = load_recipe(recipe)
+    loaded = _load(recipe)
     check_gate(loaded, force=force)  # refuse before the server starts, not in its loading thread
     if loaded.serve.mode == "chat":
         return chat(recipe, force)

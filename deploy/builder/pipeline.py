@@ -103,6 +103,9 @@ def build(recipe: Recipe, *, publish_dry_run: bool = False, gate: bool = True,
     """Run the steps in order. `gate=False` (the benchmark, which measures quality itself) skips
     the verify step without recording it. `publish_overwrite` publishes on top of a remote that
     changed since the last publish. One build of a recipe runs at a time."""
+    from deploy.engines import resolve_weights
+
+    recipe = resolve_weights(recipe)  # `weights: auto` becomes the format for this machine's GPU
     work = work_dir(recipe)
     with _writes("set-up", work):
         work.mkdir(parents=True, exist_ok=True)

@@ -20,11 +20,12 @@ from deploy.engines.base import (
     PromptTooLongError,
     TokenLogprob,
 )
-from deploy.engines.config import EngineConfig, engine_config, pick_backend
+from deploy.engines.config import EngineConfig, engine_config, pick_backend, resolve_weights
 from deploy.engines.hardware import lmdeploy_installed, visible_gpus
 from deploy.errors import RecipeError
 
 __all__ = [
+    "resolve_weights",
     "HQQ_MARKER",
     "Delta",
     "Engine",

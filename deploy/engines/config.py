@@ -2,7 +2,8 @@
 
 Engines take an `EngineConfig` and never see a recipe: this module is the single place where the
 recipe's `model:`, `quantization:` and `engine:` sections become engine settings, and where
-`engine.backend: auto` is resolved for this machine.
+`engine.backend: auto` is resolved for this machine (and `quantization.weights: auto` for this
+machine's GPU or a named one: formats.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from deploy.engines.hardware import lmdeploy_installed, visible_gpus
+from deploy.engines.formats import capability_for, fastest_weights
+from deploy.engines.hardware import lmdeploy_installed, local_gpu, visible_gpus
 from deploy.recipe import Recipe, chat_template_text
 
 log = logging.getLogger(__name__)
@@ -74,3 +76,23 @@ def _auto_backend() -> tuple[Backend, str]:
     if turbomind.is_available():
         return "lmdeploy-turbomind", "TurboMind's native module loads"
     return "lmdeploy-pytorch", f"TurboMind is unavailable here ({turbomind._import_error})"
+
+
+def resolve_weights(recipe: Recipe, gpu: str | None = None) -> Recipe:
+    """The recipe with `quantization.weights: auto` replaced by the format that decodes fastest on
+    `gpu` (a card name or size, as `plan --gpu` takes) or else this machine's GPU, the choice and
+    its reason logged; any other recipe as it is."""
+    quant = recipe.quantization
+    if quant.weights != "auto":
+        return recipe
+    if gpu is not None:
+        name, capability = gpu, capability_for(gpu)
+    else:
+        found = local_gpu()
+        name, capability = found if found else (None, None)
+    backend = recipe.engine.backend
+    if backend == "auto":  # TurboMind wherever it loads: on the named card, assume it does
+        backend = "lmdeploy-turbomind" if gpu is not None else pick_backend(backend)
+    choice = fastest_weights(backend, name, capability, recipe.engine.dtype)
+    log.info("quantization.weights auto -> %s (%s)", choice.weights, choice.reason)
+    return recipe.model_copy(update={"quantization": quant.model_copy(update={"weights": choice.weights})})

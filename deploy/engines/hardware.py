@@ -86,3 +86,22 @@ def _process_share(pynvml, handle, pid: int) -> int | None:
     used = [p.usedGpuMemory for p in procs if p.pid in family and p.usedGpuMemory is not None]
     # Inside a container NVML may report host pids that match none of ours: unknown, not zero.
     return sum(used) if used else None
+
+
+def local_gpu() -> tuple[str, tuple[int, int]] | None:
+    """The first visible GPU's name and CUDA compute capability, by NVML; None without one."""
+    if visible_gpus() == 0:
+        return None
+    try:
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+    except Exception:  # torch saw a GPU that NVML cannot: its name is unknown here
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(handle)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return (name.decode() if isinstance(name, bytes) else name), (int(major), int(minor))
+    finally:
+        pynvml.nvmlShutdown()

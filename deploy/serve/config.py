@@ -17,7 +17,7 @@ from typing import Literal
 
 from deploy.builder.manifest import built_model_dir
 from deploy.capacity.memory import memory_report
-from deploy.engines import Engine, engine_config, load_engine
+from deploy.engines import Engine, engine_config, load_engine, resolve_weights
 from deploy.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def load_model(recipe: Recipe | str | Path, *, force: bool = False
     `force=True` loads them anyway, with a warning."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    recipe = resolve_weights(recipe)
     started = time.perf_counter()
     folder = built_model_dir(recipe, force=force)
     log.info("model ready at %s (%.1fs)", folder, time.perf_counter() - started)

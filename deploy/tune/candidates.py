@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from deploy.capacity.planner import GIB, plan
+from deploy.engines.formats import HOPPER, capability_for
 from deploy.engines.sizing import DTYPE_BYTES, kv_bytes_per_token, weight_bytes
 from deploy.recipe import Recipe, parse_recipe
 
@@ -20,7 +21,7 @@ from deploy.recipe import Recipe, parse_recipe
 GPU_HEADROOM = 0.06
 CPU_OVERHEAD_BYTES = 1 * GIB  # Python, torch and the server beside the weights (RSS seen: 0.6-0.8 GiB)
 KV_ORDER = {"none": 0, "int8": 1, "int4": 2}
-WEIGHT_ORDER = {"none": 0, "w4a16": 1}
+WEIGHT_ORDER = {"none": 0, "fp8": 1, "w4a16": 2}
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Target:
 @dataclass(frozen=True)
 class Candidate:
     family: str  # lmdeploy (on a GPU) | transformers (on a CPU)
-    weights: str  # none | w4a16
+    weights: str  # none | fp8 | w4a16
     kv_cache: str  # none | int8 | int4
     max_batch_size: int
     session_len: int
@@ -48,7 +49,7 @@ class Candidate:
         cache = (f"-kv{self.kv_cache_gib:g}g" if self.kv_cache_gib is not None else
                  f"-r{self.cache_max_entry_count:g}" if self.cache_max_entry_count else "")
         kv = "" if self.kv_cache == "none" else f"-kv{self.kv_cache[3:]}"
-        weights = "fp" if self.weights == "none" else f"w4a16g{self.group_size}"
+        weights = {"none": "fp", "fp8": "fp8"}.get(self.weights, f"w4a16g{self.group_size}")
         return f"{weights}{kv}-b{self.max_batch_size}-s{self.session_len}{cache}"
 
     @property
@@ -59,7 +60,7 @@ class Candidate:
     @property
     def variant(self) -> tuple[int, int, int]:
         """What decides answer quality: the quantization, and the weights' group size."""
-        return (*self.quantization_rank, -self.group_size if self.weights != "none" else 0)
+        return (*self.quantization_rank, -self.group_size if self.weights == "w4a16" else 0)
 
     def recipe(self, base: Recipe) -> Recipe:
         """The base recipe with this candidate's settings. Candidates with the same weights share
@@ -78,7 +79,7 @@ class Candidate:
                                     group_size=self.group_size)
         # The group size is in the build's name, so candidates that differ in it never evict
         # each other's build.
-        group = f"-g{self.group_size}" if self.weights != "none" else ""
+        group = f"-g{self.group_size}" if self.weights == "w4a16" else ""
         data["name"] = f"{base.name}-{family}-{self.weights}{group}"
         recipe = parse_recipe(data)
         recipe._base_dir = base._base_dir
@@ -118,8 +119,11 @@ def enumerate_candidates(base: Recipe, target: Target, sessions: int, config: di
                                             max(1024, base.engine.session_len // 2)}, reverse=True))
     ratio = base.engine.cache_max_entry_count or 0.8
     found: list[Candidate] = []
-    for weights, group in [("none", base.quantization.group_size)] + [
-            ("w4a16", g) for g in group_sizes(base.quantization.group_size, config, gpu)]:
+    formats = [("none", base.quantization.group_size)] + [
+        ("w4a16", g) for g in group_sizes(base.quantization.group_size, config, gpu)]
+    if gpu and fp8_fits(base, target):
+        formats.insert(1, ("fp8", 128))  # 128x128 blocks: TurboMind's one FP8 layout
+    for weights, group in formats:
         for kv in ("none", "int8", "int4"):
             for batch in batch_sizes:
                 for session_len in session_lens:
@@ -136,6 +140,14 @@ def enumerate_candidates(base: Recipe, target: Target, sessions: int, config: di
                     found.append(Candidate("lmdeploy", weights, kv, batch, session_len, kv_cache_gib=gib,
                                            group_size=group))
     return found
+
+
+def fp8_fits(base: Recipe, target: Target) -> bool:
+    """FP8 candidates on Hopper and newer (engines/formats.py says why), where the engine may
+    compute in bf16 (TurboMind's FP8 does) and TurboMind may be the engine."""
+    capability = capability_for(target.name)
+    return (capability is not None and capability >= HOPPER and base.engine.dtype != "float16"
+            and base.engine.backend != "lmdeploy-pytorch")
 
 
 def group_sizes(wanted: int, config: dict, gpu: bool) -> list[int]:
