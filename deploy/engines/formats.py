@@ -46,10 +46,14 @@ def fastest_weights(backend: str, gpu: str | None, capability: tuple[int, int] |
                     dtype: str = "auto") -> WeightChoice:
     """The weight format for `backend` on `gpu` (None: no GPU). `backend` is resolved already,
     except that `auto` with a GPU means TurboMind, which `auto` picks wherever it loads."""
-    if gpu is None or backend in ("llamacpp", "transformers"):
+    if gpu is None or backend == "llamacpp":
         where = "llama.cpp" if backend == "llamacpp" else "the transformers engine"
         return WeightChoice("none", f"no GPU, {where}: the model's own weights decode fastest here "
                             "(docs/cpu-runtimes.md); 4-bit saves memory, set weights yourself for it")
+    if backend == "transformers":
+        return WeightChoice("none", f"the transformers engine on the {gpu} (LMDeploy is not installed "
+                            "or not chosen): its 4-bit HQQ saves memory, not time; LMDeploy serves "
+                            "the fast formats")
     if capability is None:
         return WeightChoice("none", f"the {gpu}'s architecture is unknown: name the card (--gpu "
                             "H100, A10, ...) or set quantization.weights")

@@ -14,6 +14,7 @@ import yaml
 from deploy.capacity.planner import parse_gpu
 from deploy.engines import resolve_weights
 from deploy.engines.formats import capability_for, fastest_weights
+from deploy.engines.hardware import local_gpu
 from deploy.recipe import load_recipe
 from deploy.tune.candidates import Target, enumerate_candidates
 
@@ -38,6 +39,7 @@ def test_capability_from_names(name, capability):
     ("lmdeploy-turbomind", "24 GiB GPU", "auto", "none", "--gpu"),
     ("llamacpp", None, "auto", "none", "llama.cpp"),
     ("transformers", None, "auto", "none", "no GPU"),
+    ("transformers", "H100", "auto", "none", "LMDeploy is not installed"),
 ])
 def test_the_fastest_format_and_why(backend, gpu, dtype, weights, says):
     choice = fastest_weights(backend, gpu, capability_for(gpu) if gpu else None, dtype)
@@ -80,3 +82,22 @@ def test_tune_offers_fp8_on_hopper_only(tmp_path):
         labels = [c.label for c in enumerate_candidates(base, target, 4, CONFIG)]
         assert any(label.startswith("fp8-") for label in labels) is has_fp8, labels
         assert any(label.startswith("w4a16g128-") for label in labels)
+
+
+@pytest.mark.skipif(local_gpu() is None, reason="needs an NVIDIA GPU (runs on the device)")
+def test_this_machines_gpu_is_named_and_resolved(tmp_path, caplog):
+    """On a real card: NVML's name maps to NVML's own compute capability where the table knows
+    the card, and `auto` resolves for it as fastest_weights says."""
+    name, capability = local_gpu()
+    assert capability >= (7, 0)
+    assert capability_for(name) in (None, capability), (name, capability)
+    path = _auto(tmp_path, "internlm2-chat-7b-fp16.yaml")
+    recipe = load_recipe(path)
+    turbomind = recipe.model_copy(update={"engine": recipe.engine.model_copy(
+        update={"backend": "lmdeploy-turbomind"})})
+    with caplog.at_level("INFO"):
+        resolved = resolve_weights(turbomind)
+    expected = fastest_weights("lmdeploy-turbomind", name, capability, "auto").weights
+    assert resolved.quantization.weights == expected
+    assert name in caplog.text
+    print(f"{name} sm_{capability[0]}{capability[1]}: auto -> {expected}")
