@@ -35,7 +35,6 @@ def read_chat_template(model_dir: Path, config: dict) -> str | None:
 
 class LeanTokenizer:
     def __init__(self, model_dir: Path, chat_template: str | None = None):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
@@ -45,12 +44,31 @@ class LeanTokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token_id = self.backend_tokenizer.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template = chat_template or read_chat_template(model_dir, config)
-        if not self.chat_template:
+        template = chat_template or read_chat_template(model_dir, config)
+        if not template:
             raise ValueError(f"The tokenizer in {model_dir} has no chat template: set "
                              "model.chat_template in the recipe.")
-        self._formatter = Jinja2ChatFormatter(self.chat_template, eos_token=self.eos_token or "",
+        self.chat_template = template
+
+    @property
+    def chat_template(self) -> str:
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template: str) -> None:
+        # Assignable, as on a transformers tokenizer: the formatter follows the template.
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._chat_template = template
+        self._formatter = Jinja2ChatFormatter(template, eos_token=self.eos_token or "",
                                               bos_token=self.bos_token or "")
+
+    def __deepcopy__(self, memo):
+        # The Jinja formatter holds a compiled template that does not deep-copy; rebuild it instead.
+        clone = object.__new__(type(self))
+        clone.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_formatter"})
+        clone.chat_template = self._chat_template
+        return clone
 
     def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True):
         if tokenize or not add_generation_prompt:
@@ -65,6 +83,9 @@ class LeanTokenizer:
 
     def convert_ids_to_tokens(self, token: int) -> str | None:
         return self.backend_tokenizer.id_to_token(token)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend_tokenizer.token_to_id(token)
 
     def get_vocab(self) -> dict[str, int]:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)

@@ -53,6 +53,20 @@ def test_vocabulary_and_special_tokens_match_transformers(pair):
     assert lean.eos_token_id == reference.eos_token_id
     assert [lean.convert_ids_to_tokens(i) for i in (0, 2, 100, 49151)] == \
         [reference.convert_ids_to_tokens(i) for i in (0, 2, 100, 49151)]
+    names = ("<|im_end|>", "<|endoftext|>", "hello")
+    assert [lean.convert_tokens_to_ids(t) for t in names] == \
+        [reference.convert_tokens_to_ids(t) for t in names]
+
+
+def test_an_assigned_template_is_the_one_rendered_and_copies_are_independent(pair):
+    """Code written against transformers swaps a tokenizer's template by assignment."""
+    import copy
+
+    lean, _ = pair
+    clone = copy.deepcopy(lean)
+    clone.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    assert clone.apply_chat_template([{"role": "user", "content": "hi"}]) == "<hi>"
+    assert lean.apply_chat_template([{"role": "user", "content": "hi"}]) != "<hi>"
 
 
 def test_the_recipe_template_wins_and_a_missing_one_is_named(pair, recipe, tmp_path):
