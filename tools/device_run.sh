@@ -24,6 +24,8 @@
 #                                                    # .device/tfwhl's (a newer one), alternated
 #   bash tools/device_run.sh tune [BUDGET] [GPU]   # python -m deploy tune on the 7b model, 16 sessions
 #   bash tools/device_run.sh fp8 [--reference]     # benchmarks/gpu_fp8.py on the 7b model (TurboMind)
+#   bash tools/device_run.sh decodeprofile [SETTINGS]  # benchmarks/gpu_decode_profile.py: batch-1 decode per weight
+#                                                    # format in LMDeploy's pipeline, timed and kernel-profiled
 #   bash tools/device_run.sh tm-stage              # keep .device/tm-carry/part* in /tmp/tmparts
 #   bash tools/device_run.sh tm-assemble           # TurboMind's .so and CUDA 12 libraries in place
 # TurboMind: ../shared/device/fetch-turbomind-parts.sh .device/tm-parts makes 9 parts here; carry one
@@ -198,6 +200,14 @@ case "${1:-setup}" in
         exit $status ;;
   fp8) model 7b >/dev/null  # benchmarks/gpu_fp8.py: FP8 built, gated and served against fp16 (TurboMind)
        XLAB_DEPLOY_HOME=/tmp/fp8-home python3 -m benchmarks.gpu_fp8 --model "$(model 7b)" --out "$OUT/fp8" "${@:2}" ;;
+  decodeprofile) status=0
+       model 7b >/dev/null
+       python3 -m benchmarks.gpu_decode_profile --model "$(model 7b)" --out /tmp/decode-profile \
+         --deadline "${DEADLINE:-380}" ${2:+--settings "$2"} || status=$?
+       # One archive: a call brings back only a few files. Logs are cut to their last 8 kB.
+       for f in /tmp/decode-profile/*.log; do tail -c 8000 "$f" > "$f.cut" && mv "$f.cut" "$f"; done
+       tar czf "$OUT/decode-profile.tgz" -C /tmp/decode-profile --exclude='*.trace.json' .
+       exit $status ;;
   tm-stage) mkdir -p /tmp/tmparts && cp .device/tm-carry/part* /tmp/tmparts/ && ls /tmp/tmparts ;;
   tm-assemble) cp .device/tm-carry/MD5 /tmp/tmparts/ 2>/dev/null || true
                (cd /tmp/tmparts && cat part* | md5sum | diff - MD5) || { echo "TurboMind parts: MD5 differs" >&2; exit 1; }
