@@ -66,6 +66,31 @@ def wait_healthy(container, timeout: float = 120) -> str:
     return "timeout"
 
 
+def needs_chromium() -> None:
+    if not shutil.which("chromium"):
+        pytest.fail("chromium is missing") if in_ci() else pytest.skip("Debian's chromium is missing")
+
+
+def chats_in_chromium(port: int) -> None:
+    """The Gradio page on `port` loads in Chromium and answers the France question."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import CHROMIUM, FLAGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=60_000)
+        box = page.get_by_role("textbox").first
+        box.wait_for(timeout=60_000)
+        box.fill("What is the capital of France?")
+        box.press("Enter")
+        page.wait_for_function(
+            "() => { const b = document.querySelectorAll('[data-testid=\"bot\"]');"
+            " return b.length && b[b.length - 1].innerText.includes('Paris'); }", timeout=90_000)
+        browser.close()
+
+
 def test_cpu_image_builds_offline_runs_serves_and_drains(engine, tmp_path):
     client, _ = engine
     key = "sk-container-test-0123456789abcdef"
@@ -167,6 +192,26 @@ def test_mounted_and_baked_4bit_weights_both_serve(engine, tmp_path):
         container.remove(force=True)
 
 
+def test_the_default_recipes_gradio_image_chats_in_chromium(engine, tmp_path):
+    """The default recipe as shipped (llama.cpp, Gradio UI and API): its image, with what
+    deploy/package/slim.py takes out of the venv gone, serves a page that chats in Chromium."""
+    needs_chromium()
+    client, _ = engine
+    path = recipe_file(tmp_path, "ctest-ui")
+    built(path, tmp_path / "ctx")
+    port = free_port()
+    run = kit("image", "run", str(path), "--port", str(port))
+    assert run.returncode == 0, run.stderr[-3000:]
+    container = client.containers.get("xlab-ctest-ui")
+    assert wait_healthy(container) == "healthy"
+    gone = ("import pathlib, pandas, gradio, llama_cpp; site = pathlib.Path(pandas.__file__).parents[1]; "
+            "print([p for p in ('pandas/tests', 'lib', 'gradio/templates/node', 'gradio/media_assets',"
+            " 'hf_xet') if (site / p).exists()])")
+    assert container.exec_run(["python", "-c", gone]).output.decode().strip() == "[]"
+    chats_in_chromium(port)
+    container.remove(force=True)
+
+
 def test_run_without_an_image_or_twice_says_what_to_do(engine, tmp_path):
     client, _ = engine
     path = recipe_file(tmp_path, "ctest-never-built")
@@ -214,12 +259,7 @@ def test_two_replicas_behind_nginx_survive_one_stopping(engine, tmp_path):
 def test_openxlab_app_rehearsed_in_a_container_chats_in_chromium(engine, tmp_path):
     """`deploy app` writes the bundle; `deploy app-try` runs it as OpenXLab's Gradio runtime would
     (apt-get packages.txt, pip requirements.txt, python app.py on 7860); Chromium chats with it."""
-    if not shutil.which("chromium"):
-        pytest.fail("chromium is missing") if in_ci() else pytest.skip("Debian's chromium is missing")
-    from playwright.sync_api import sync_playwright
-
-    from tests.helpers import CHROMIUM, FLAGS
-
+    needs_chromium()
     client, _ = engine
     bundle = tmp_path / "app-bundle"
     made = kit("app", "recipes/smollm2-cpu.yaml", "--out", str(bundle))
@@ -233,18 +273,7 @@ def test_openxlab_app_rehearsed_in_a_container_chats_in_chromium(engine, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     container = client.containers.get("xlab-app-app-bundle")
     assert container.attrs["Config"]["WorkingDir"] == "/home/xlab-app-center"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=60_000)
-        box = page.get_by_role("textbox").first
-        box.wait_for(timeout=60_000)
-        box.fill("What is the capital of France?")
-        box.press("Enter")
-        page.wait_for_function(
-            "() => { const b = document.querySelectorAll('[data-testid=\"bot\"]');"
-            " return b.length && b[b.length - 1].innerText.includes('Paris'); }", timeout=90_000)
-        browser.close()
+    chats_in_chromium(port)
     container.remove(force=True)
 
 
