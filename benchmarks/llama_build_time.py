@@ -1,0 +1,76 @@
+"""How long llama-cpp-python takes to build from source with the kit's flags, with and without its
+multimodal library (mtmd, `-DLLAVA_BUILD=OFF`), which the kit never loads.
+
+Usage: python -m benchmarks.llama_build_time [--runs 3] [--out docs/data/llama-build-time.json]
+
+The source build is most of a fresh `make install` on a CPU machine (no wheel for these flags is
+published). Each run is `pip wheel --no-deps --no-cache-dir` of the same sdist into an empty
+folder, variants alternating so that each sees the same minutes; the wheel's size is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._common import cpu_name
+from deploy.package.wheelhouse import LLAMA_CMAKE_ARGS
+
+VERSION = "0.3.36"
+VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF"}
+
+
+def sdist(folder: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    "-d", str(folder), f"llama-cpp-python=={VERSION}"], check=True)
+    return next(folder.glob("llama_cpp_python-*.tar.gz"))
+
+
+def build(source: Path, extra: str, keep: Path | None) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "CMAKE_ARGS": LLAMA_CMAKE_ARGS + extra}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir",
+                        "-w", out, str(source)], check=True, env=env, capture_output=True)
+        seconds = time.perf_counter() - started
+        wheel = next(Path(out).glob("*.whl"))
+        if keep:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(wheel, keep / (("nomtmd-" if extra else "") + wheel.name))
+        return seconds, wheel.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("docs/data/llama-build-time.json"))
+    parser.add_argument("--keep", type=Path, help="a folder to copy each variant's wheel into")
+    args = parser.parse_args()
+    results: dict[str, dict] = {name: {"seconds": [], "wheel_bytes": None} for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as folder:
+        source = sdist(Path(folder))
+        for run in range(args.runs):
+            for name, extra in VARIANTS.items():
+                seconds, size = build(source, extra, args.keep)
+                results[name]["seconds"].append(round(seconds, 1))
+                results[name]["wheel_bytes"] = size
+                print(f"run {run + 1} {name}: {seconds:.1f} s, wheel {size / 1e6:.1f} MB", flush=True)
+    for entry in results.values():
+        entry["median_s"] = statistics.median(entry["seconds"])
+    report = {"what": f"pip wheel of llama-cpp-python {VERSION} from source, no pip cache",
+              "cmake_args": LLAMA_CMAKE_ARGS, "variants": VARIANTS, "cpu": cpu_name(),
+              "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
