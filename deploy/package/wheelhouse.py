@@ -28,9 +28,10 @@ class WheelhouseError(KitError):
 
 
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-# llama-cpp-python is a source build: portable AVX2, ggml's own threads (the Makefile says why).
+# llama-cpp-python is a source build: portable AVX2, ggml's own threads, no multimodal library
+# (the Makefile says why).
 LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-                    "-DGGML_OPENMP=OFF")
+                    "-DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF")
 
 
 def wheelhouse(requirements: str, no_deps: tuple[str, ...] = (), torch: str | None = None) -> Path:
