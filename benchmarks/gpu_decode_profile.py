@@ -5,7 +5,7 @@ Usage (GPU machine, TurboMind staged; `bash tools/device_run.sh decodeprofile` d
   python -m benchmarks.gpu_decode_profile --model DIR --out OUT [--settings a,b] [--deadline S]
 
 The fp16 folder DIR is copied into the other formats once: FP8 by the kit's own converter
-(deploy/builder/fp8.py's `quantize`, run on the GPU), W4A16 as a random AWQ checkpoint
+(deploy/builder/fp8.py, run on the GPU), W4A16 as a random AWQ checkpoint
 (`random_awq`: the layout `lmdeploy lite auto_awq` writes, with random packed weights: the
 kernels' speed does not depend on the values, and a calibrated build costs 148 s of device time).
 Each setting then runs in its own process: the
@@ -92,49 +92,27 @@ def random_awq(source: Path, out: Path, group: int) -> Path:
     return out
 
 
-def fp8_on_gpu(source: Path, out: Path) -> Path:
-    """deploy/builder/fp8.py's FP8 copy, with each shard's blocks scaled on the GPU (the builder
-    does it on the CPU: the same function, `quantize`, and the same files, in a fraction of the
-    device time)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from deploy.atomic import atomic_dir
-    from deploy.builder.fp8 import _copy_the_rest
-    from deploy.engines.fp8_format import SCALE_SUFFIX, quantize, quantized_name
-
-    if (out / "config.json").is_file():
-        return out
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with atomic_dir(out) as work:
-        scales = {}
-        for shard in sorted(source.glob("*.safetensors")):
-            tensors = load_file(shard, device=device)
-            for name in [n for n, t in tensors.items() if quantized_name(n, t)]:
-                tensors[name], tensors[name + SCALE_SUFFIX] = quantize(tensors[name])
-                scales[name + SCALE_SUFFIX] = shard.name
-            save_file({k: v.cpu() for k, v in tensors.items()}, work / shard.name,
-                      metadata={"format": "pt"})
-            del tensors
-        _copy_the_rest(source, work, scales)
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the settings' engines run in other processes
-    return out
-
-
 def prepare(model: Path, root: Path, folders: set[str]) -> dict:
     """The folders the chosen settings need, made once; returns seconds spent per folder."""
+    import torch
+
+    from deploy.builder.fp8 import fp8_quantize
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     spent, paths = {}, {"fp16": model}
     for folder in sorted(folders - {"fp16"}):
         started = time.perf_counter()
         target = root / folder
         if folder == "fp8":
-            fp8_on_gpu(model, target)
+            if not (target / "config.json").is_file():
+                fp8_quantize(model, target, device=device)
         else:
             random_awq(model, target, int(folder.rsplit("-g", 1)[1]))
         spent[folder] = round(time.perf_counter() - started, 1)
         paths[folder] = target
         print(f"[decode-profile] {folder} ready in {spent[folder]} s", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the settings' engines run in other processes
     return {"seconds": spent, "paths": {k: str(v) for k, v in paths.items()}}
 
 

@@ -17,7 +17,9 @@ from deploy.atomic import atomic_dir, copy_model_files
 from deploy.engines.fp8_format import QUANTIZATION_CONFIG, SCALE_SUFFIX, quantize, quantized_name
 
 
-def fp8_quantize(source_dir: Path, out_dir: Path, progress=None) -> Path:
+def fp8_quantize(source_dir: Path, out_dir: Path, progress=None, device: str = "cpu") -> Path:
+    """`device`: where each shard's blocks are scaled (a GPU does a 7B model in seconds); the
+    files are the same either way."""
     from safetensors.torch import load_file, save_file
 
     shards = sorted(Path(source_dir).glob("*.safetensors"))
@@ -27,11 +29,13 @@ def fp8_quantize(source_dir: Path, out_dir: Path, progress=None) -> Path:
     with atomic_dir(out_dir) as work:
         scales: dict[str, str] = {}
         for shard in shards:
-            tensors = load_file(shard)
+            tensors = load_file(shard, device=device)
             for name in [n for n, t in tensors.items() if quantized_name(n, t)]:
                 tensors[name], tensors[name + SCALE_SUFFIX] = quantize(tensors[name])
                 scales[name + SCALE_SUFFIX] = shard.name
-            save_file(tensors, work / shard.name, metadata={"format": "pt"})
+            save_file({k: v.cpu() for k, v in tensors.items()}, work / shard.name,
+                      metadata={"format": "pt"})
+            del tensors
             if progress:
                 progress()
         _copy_the_rest(Path(source_dir), work, scales)
