@@ -73,3 +73,15 @@ def cpu_name() -> str:
                 flags = set(line.split(":", 1)[1].split())
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
     return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def bundled_gguf(model_dir: Path, kind: str) -> Path:
+    """The bundled model's GGUF of type `kind` (q8_0, q4_1) beside `model_dir` (its F16 folder),
+    written once by the builder's own gguf_quantize, as the smollm2-cpu-q4 recipe builds it."""
+    from deploy.builder.gguf import gguf_quantize
+    from deploy.engines.llamacpp_engine import find_gguf
+
+    folder = model_dir.parent / f"SmolLM2-135M-Instruct-{kind}-bench"
+    if not folder.is_dir():
+        gguf_quantize(kind, model_dir, folder)
+    return find_gguf(folder)

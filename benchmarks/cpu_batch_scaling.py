@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks._common import cpu_name
+from benchmarks._common import bundled_gguf, cpu_name
 
 BATCHES = (1, 2, 4, 8)
 PROMPT_TOKENS = 32
@@ -64,16 +64,10 @@ def decode_rate(lib, model, sequences: int, steps: int, threads: int) -> float:
 
 
 def files(model_dir: Path) -> dict[str, Path]:
-    from deploy.builder.gguf import gguf_quantize
     from deploy.engines.llamacpp_engine import find_gguf
 
-    found = {"F16": find_gguf(model_dir)}
-    for kind in ("q8_0", "q4_1"):
-        folder = model_dir.parent / f"SmolLM2-135M-Instruct-{kind}-bench"
-        if not folder.is_dir():
-            gguf_quantize(kind, model_dir, folder)
-        found[kind.upper()] = find_gguf(folder)
-    return found
+    return {"F16": find_gguf(model_dir), "Q8_0": bundled_gguf(model_dir, "q8_0"),
+            "Q4_1": bundled_gguf(model_dir, "q4_1")}
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from benchmarks._common import cpu_name
+from benchmarks._common import bundled_gguf, cpu_name
 
 QUESTIONS = ["What is the capital of France?", "Name three fruits.", "Explain photosynthesis briefly.",
              "Write a haiku about rain.", "What is 12 times 7?", "Who wrote Hamlet?",
@@ -140,15 +140,11 @@ def rows(model_dir: Path, only: set[str] | None):
     """(name, factory, measures concurrency) for every row this machine can run."""
     import importlib.util
 
-    from deploy.builder.gguf import gguf_quantize
     from deploy.engines.chat_format import load_tokenizer
     from deploy.engines.llamacpp_engine import find_gguf
 
     f16 = find_gguf(model_dir)
-    q4_dir = model_dir.parent / "SmolLM2-135M-Instruct-q4_1-bench"  # what smollm2-cpu-q4 builds
-    if not q4_dir.is_dir():
-        gguf_quantize("q4_1", model_dir, q4_dir)
-    q4 = find_gguf(q4_dir)
+    q4 = bundled_gguf(model_dir, "q4_1")
     tokenizer = load_tokenizer(model_dir)
 
     def kit(backend, gguf=None):
@@ -157,7 +153,7 @@ def rows(model_dir: Path, only: set[str] | None):
                 from deploy.engines.transformers_engine import TransformersEngine
                 return KitRow(TransformersEngine(model_dir, dtype="bfloat16", max_batch_size=8))
             from deploy.engines.llamacpp_engine import LlamaCppEngine
-            folder = model_dir if gguf == f16 else q4_dir
+            folder = model_dir if gguf == f16 else q4.parent
             return KitRow(LlamaCppEngine(folder, session_len=2048, max_batch_size=8))
         return load
 
