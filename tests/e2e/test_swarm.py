@@ -34,9 +34,9 @@ def test_a_node_dies_and_the_stack_keeps_answering(engine, tmp_path):
     assert json.loads(out.read_text()) == figures
     assert len(figures["answered_by_before_kill"]) == 2  # two replicas, on two nodes
     assert figures["killed"] in figures["answered_by_before_kill"]
-    # Requests not yet started when the node died were all retried on a live replica: the only
-    # failures are requests that were running on it (at most one per client).
-    assert figures["failed_started_after_kill"] == 0, figures["failures"]
+    # Requests not yet started when the node was seen stopped were all retried on a live replica:
+    # the only failures are requests that were running on it (at most one per client).
+    assert figures["failed_started_after_node_stopped"] == 0, figures["failures"]
     assert figures["failed"] <= figures["clients"], figures["failures"]
     assert figures["replacement_on"] and figures["killed"] not in figures["replacement_on"]
     assert figures["kill_to_replacement_answering_s"] < 240
