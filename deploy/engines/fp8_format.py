@@ -30,8 +30,27 @@ def is_fp8_folder(model_dir: Path) -> bool:
 
 
 def quantized_name(name: str, tensor: torch.Tensor) -> bool:
-    """Whether the checkpoint tensor `name` is one FP8 stores in blocks: the linear layers' weights."""
-    return name.endswith("_proj.weight") and tensor.dim() == 2
+    """Whether the checkpoint tensor `name` is one FP8 stores in blocks: the weight of every linear
+    layer inside the decoder layers, whatever the family calls it (Llama's `*_proj`, InternLM2's
+    packed `wqkv`, `wo` and `w1`-`w3`). Inside a layer only linears are 2-D (norms are 1-D); the
+    embeddings and the output head sit outside the layers and stay as they are, as TurboMind
+    expects. A mixture-of-experts router (`gate.weight`) is a linear TurboMind keeps unquantized."""
+    return (tensor.dim() == 2 and name.endswith(".weight") and ".layers." in name
+            and not name.endswith(".gate.weight"))
+
+
+def packed_qkv_misfit(model_config: dict) -> str | None:
+    """Why TurboMind cannot read FP8 scales of this model's packed query/key/value matrix, or None.
+    InternLM2 packs them into one `wqkv`, and TurboMind splits the block scales per head
+    (lmdeploy/turbomind/models/internlm2.py, _split_qkv_gqa): a 128-row block must be one head."""
+    if model_config.get("model_type") != "internlm2":
+        return None
+    heads = model_config.get("num_attention_heads") or 1
+    head_dim = model_config.get("head_dim") or model_config.get("hidden_size", 0) // heads
+    if head_dim % BLOCK == 0:
+        return None
+    return (f"its packed wqkv has heads of {head_dim} rows, and TurboMind reads FP8 block scales "
+            f"of a packed wqkv only when each head is a multiple of {BLOCK} rows")
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,12 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         # executable data type for this device" (H200, docs/data/gpu-2026-12-03-fp8/).
         raise RecipeError("quantization.weights 'fp8' runs with bfloat16 activations on "
                           "TurboMind: set engine.dtype: auto or bfloat16.")
+    from deploy.engines.fp8_format import packed_qkv_misfit
+
+    if config.weights == "fp8" and config.backend == "lmdeploy-turbomind" \
+            and (misfit := packed_qkv_misfit(model_config)):
+        raise RecipeError(f"quantization.weights 'fp8' cannot be served by TurboMind for this model: "
+                          f"{misfit}. Use quantization.weights: none or w4a16.")
     kwargs = {
         "dtype": engine.dtype,
         "session_len": engine.session_len,

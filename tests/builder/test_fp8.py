@@ -71,3 +71,35 @@ def test_fp8_build_writes_turbominds_layout_and_gates_both_ways(tmp_path, monkey
     with pytest.raises(QualityGateError) as refused:
         build(load_recipe(_recipe(tmp_path, min_top1_agreement=0.99)))
     assert refused.value.exit_code == 4 and "top-1 agreement" in str(refused.value)
+
+
+def test_internlm2s_packed_linears_are_written_as_fp8_and_read_back(tiny_internlm2, tmp_path):
+    """The flagship's family names its linears wqkv, wo, w1-w3 (not *_proj): every one of them is
+    stored in blocks, the embeddings and the output head are not, and the folder read back through
+    the project's own InternLM2 code gives nearly the unquantized model's next tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from deploy.builder.fp8 import fp8_quantize
+    from deploy.engines.fp8_format import load_dequantized
+
+    out = fp8_quantize(tiny_internlm2, tmp_path / "fp8")
+    quantized, kept = set(), {}
+    for shard in out.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                if f.get_tensor(name).dtype == torch.float8_e4m3fn:
+                    quantized.add(name.split(".")[-2])  # wqkv, wo, w1, w2, w3
+                    assert name + "_scale_inv" in f.keys()
+                else:
+                    kept[name] = f.get_tensor(name).dtype
+    assert quantized == {"wqkv", "wo", "w1", "w2", "w3"}
+    assert kept["model.tok_embeddings.weight"] != torch.float8_e4m3fn
+    assert kept["output.weight"] != torch.float8_e4m3fn
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (1, 24))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_internlm2, trust_remote_code=True, dtype=torch.float32)
+    back = load_dequantized(out, torch.float32, trust_remote_code=True)
+    with torch.no_grad():
+        a, b = plain(ids).logits, back(ids).logits
+    assert not torch.equal(a, b)  # FP8 rounded something
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.8

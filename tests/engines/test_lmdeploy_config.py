@@ -71,6 +71,24 @@ def test_turbomind_engine_config_from_recipe():
     assert engine_config_kwargs(recipe(), "lmdeploy-turbomind", INTERNLM2)["model_format"] == "hf"
 
 
+def test_fp8_on_turbomind_needs_bfloat16_and_whole_heads_in_a_packed_wqkv():
+    fp8 = {"weights": "fp8"}
+    kw = engine_config_kwargs(recipe(quantization=fp8, engine={"dtype": "bfloat16"}),
+                              "lmdeploy-turbomind", {**INTERNLM2, "model_type": "internlm2"})
+    assert kw["model_format"] == "fp8" and kw["dtype"] == "bfloat16"
+    with pytest.raises(RecipeError, match="engine.dtype: auto or bfloat16"):
+        engine_config_kwargs(recipe(quantization=fp8, engine={"dtype": "float16"}),
+                             "lmdeploy-turbomind", LLAMA2)
+    # InternLM2 with 64-row heads: a 128-row block scale would span two heads of the packed wqkv.
+    small_heads = {**INTERNLM2, "model_type": "internlm2", "num_attention_heads": 64}
+    with pytest.raises(RecipeError, match="heads of 64 rows"):
+        engine_config_kwargs(recipe(quantization=fp8, engine={"dtype": "bfloat16"}),
+                             "lmdeploy-turbomind", small_heads)
+    # Llama keeps q, k and v apart: any head size is read.
+    assert engine_config_kwargs(recipe(quantization=fp8, engine={"dtype": "bfloat16"}),
+                                "lmdeploy-turbomind", {**LLAMA2, "num_attention_heads": 64})
+
+
 def test_absolute_kv_budget_becomes_blocks():
     r = recipe(engine={"kv_cache_gib": 4})
     # 4 GiB / (64 tokens x 128 KiB) = 512 blocks for InternLM2 in fp16.
