@@ -298,8 +298,10 @@ def _measure_verbs(verbs) -> None:
     p.add_argument("recipe", type=Path, metavar="RECIPE", help="the model and engine settings to vary")
     p.add_argument("--tasks", type=Path, help="JSONL task file: prompt, optional reference and system "
                    "(default: the kit's sample set, English and Chinese)")
-    p.add_argument("--settings", help="comma-separated settings (also lmdeploy-kv4, lmdeploy-w4a16-kv4, and "
-                   "lmdeploy-pytorch-fp16: LMDeploy's PyTorch engine whatever the recipe's backend)")
+    p.add_argument("--settings", help="comma-separated settings (also lmdeploy-kv4, lmdeploy-w4a16-kv4; "
+                   "lmdeploy-fp8 and lmdeploy-fp8-kv8: blocked FP8 weights, TurboMind on Hopper or "
+                   "newer; and lmdeploy-pytorch-fp16: LMDeploy's PyTorch engine whatever the recipe's "
+                   "backend)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     p.add_argument("--profile", choices=["gpu", "cpu", "smoke"], help="how much to measure "
                    "(default: gpu or cpu by machine; smoke is a quick check)")

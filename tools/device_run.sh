@@ -4,7 +4,8 @@
 #   bash tools/device_run.sh gputest [PYTEST ARGS] # the GPU tests against the tiny model
 #   bash tools/device_run.sh gate                  # AWQ build + LMDeploy quality gate, GPU memory trace
 #   bash tools/device_run.sh lmdeploy SETTINGS     # benchmarks/gpu_lmdeploy.py on the 7b model
-#   bash tools/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model (REPEATS=3)
+#   bash tools/device_run.sh bench SETTINGS        # python -m deploy bench on the 7b model (REPEATS=3,
+#                                                    # LIMIT=s; REFERENCE=SETTINGS: api_server rows too)
 #   bash tools/device_run.sh bench-internlm2 SETTINGS  # the same on InternLM2-7B shapes
 #   bash tools/device_run.sh short                 # experiments/short_answers.py on the 7b model
 #   bash tools/device_run.sh overhead [ARGS]       # gpu_overhead.py: the kit's server against lmdeploy
@@ -89,14 +90,33 @@ case "${1:-setup}" in
            recipe=tools/device/internlm2-7b-random.yaml
            internlm2_code >/dev/null
          fi
-         python3 -m deploy bench "$recipe" --out "/tmp/$1-gpu" \
-           --settings "${2:-lmdeploy-fp16}" --repeats "${REPEATS:-1}" || status=$?
+         out="/tmp/$1-gpu" settings=${2:-lmdeploy-fp16}
+         # LIMIT s from here for the benchmark (a setting cut off is measured again by the next
+         # call; finished ones are kept). A setting that fails is logged and left out, and the
+         # rest go on. Then REFERENCE's settings under api_server (gpu_bench_reference.py) if
+         # the benchmark finished and REFLIMIT s remain.
+         deadline=$((SECONDS + ${LIMIT:-540}))
+         while [ -n "$settings" ] && [ $((deadline - SECONDS)) -gt 10 ]; do
+           status=0
+           timeout --kill-after=15 $((deadline - SECONDS)) python3 -m deploy bench "$recipe" --out "$out" \
+             --settings "$settings" --repeats "${REPEATS:-1}" || status=$?
+           { [ $status = 0 ] || [ $status = 124 ] || [ $status = 137 ]; } && break
+           failed=$(for s in ${settings//,/ }; do [ -f "$out/$s.json" ] || { echo "$s"; break; }; done)
+           [ -n "$failed" ] || break  # every setting measured: the report failed
+           echo "bench: $failed failed (exit $status); going on without it" | tee -a "$out/failed.txt"
+           settings=$(echo ",$settings," | sed "s/,$failed,/,/; s/^,//; s/,$//")
+         done
+         if [ $status = 0 ] && [ -n "${REFERENCE:-}" ] && [ $((deadline - SECONDS)) -gt 60 ]; then
+           timeout --kill-after=15 $((deadline - SECONDS)) python3 -m benchmarks.gpu_bench_reference "$out" \
+             --settings "$REFERENCE" || status=$?
+         fi
          # One archive: a call brings back only a few files. Logs are cut to their last 8 kB.
          rm -rf /tmp/bench-pack && mkdir -p /tmp/bench-pack/logs
-         cp "/tmp/$1-gpu"/*.json "/tmp/$1-gpu"/report.md "/tmp/$1-gpu"/*.png /tmp/bench-pack/ 2>/dev/null || true
-         for f in "/tmp/$1-gpu"/logs/*.log; do tail -c 8000 "$f" > "/tmp/bench-pack/logs/${f##*/}"; done
+         cp "$out"/*.json "$out"/report.md "$out"/*.png "$out"/failed.txt /tmp/bench-pack/ 2>/dev/null || true
+         cp -r "$out"/recipes /tmp/bench-pack/ 2>/dev/null || true
+         for f in "$out"/logs/*.log; do tail -c 8000 "$f" > "/tmp/bench-pack/logs/${f##*/}"; done
          tar czf "$OUT/$1.tgz" -C /tmp/bench-pack .
-         [ $status = 0 ] || tail -c 3000 "/tmp/$1-gpu"/logs/*.log
+         [ $status = 0 ] || tail -c 2000 "$out"/logs/*.log
          exit $status ;;
   short) python3 -m experiments.short_answers --model "$(model 7b)" --out "$OUT" ;;
   overhead) python3 -m benchmarks.gpu_overhead --model "${MODEL:-$(model 7b)}" --out /tmp/overhead ${@:2}

@@ -29,6 +29,9 @@ SETTINGS = {
     "lmdeploy-kv4": ("lmdeploy", "none", "int4"),
     "lmdeploy-w4a16-kv8": ("lmdeploy", "w4a16", "int8"),
     "lmdeploy-w4a16-kv4": ("lmdeploy", "w4a16", "int4"),
+    # Blocked FP8 weights (builder/fp8.py): TurboMind on Hopper and newer, bfloat16 activations.
+    "lmdeploy-fp8": ("lmdeploy", "fp8", "none"),
+    "lmdeploy-fp8-kv8": ("lmdeploy", "fp8", "int8"),
     # LMDeploy's PyTorch engine where `auto` picks TurboMind: the sixth row of the flagship table.
     "lmdeploy-pytorch-fp16": ("lmdeploy-pytorch", "none", "none"),
     "transformers-fp16": ("transformers", "none", "none"),
@@ -75,6 +78,8 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
             engine["backend"] = "auto"
         if engine.get("kv_cache_gib") is None:
             engine["cache_max_entry_count"] = engine.get("cache_max_entry_count") or FIXED_CACHE_RATIO
+        if weights == "fp8":  # TurboMind's FP8 GEMMs take bfloat16 activations only
+            engine["dtype"] = "bfloat16"
     else:
         engine.update(backend="transformers", cache_max_entry_count=None, kv_cache_gib=None)
         engine["dtype"] = "float16" if label.endswith("fp16") else "auto"

@@ -103,3 +103,16 @@ def test_a_setting_with_nan_logits_is_reported_as_not_scored(recipe, assistant, 
     assert no_record["rows"] == [] and "returned NaN logits" in no_record["not_scored"]
     after, _ = asyncio.run(_quality(assistant, tasks, 8, no_record))
     assert after["top1_agreement"] is None and "reference setting has no record" in after["not_scored"]
+
+
+def test_fp8_settings_build_fp8_once_and_compute_in_bfloat16():
+    from deploy.bench.runner import setting_recipe
+    from deploy.recipe import load_recipe
+
+    base = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml", check_files=False)
+    fp8, fp8_kv8 = setting_recipe(base, "lmdeploy-fp8"), setting_recipe(base, "lmdeploy-fp8-kv8")
+    assert (fp8.quantization.weights, fp8.quantization.kv_cache) == ("fp8", "none")
+    assert (fp8_kv8.quantization.weights, fp8_kv8.quantization.kv_cache) == ("fp8", "int8")
+    assert fp8.engine.dtype == fp8_kv8.engine.dtype == "bfloat16"  # TurboMind's FP8 GEMMs
+    assert fp8.name == fp8_kv8.name  # one build serves both (the KV cache is chosen at serving)
+    assert setting_recipe(base, "lmdeploy-fp16").engine.dtype == base.engine.dtype

@@ -1,0 +1,107 @@
+"""LMDeploy's own `lmdeploy serve api_server` on the folders a `deploy bench` run served: a same-run
+reference for chosen rows of the benchmark's report.
+
+Usage (on the GPU machine, after `python -m deploy bench RECIPE --out OUT`; tools/device_run.sh
+bench ... does both):
+  python -m benchmarks.gpu_bench_reference OUT [--settings lmdeploy-fp16,lmdeploy-fp8]
+
+For each setting, the recipe the benchmark wrote (OUT/recipes/SETTING.yaml) gives the folder the
+kit served (the model, or the kit's build of it) and its TurboMind settings; api_server starts on
+that folder with the same settings, and the benchmark's own serving measurement (its profile and
+task prompts from OUT/logs/SETTING.spec.json, its client, deploy/bench/load.py) runs against it.
+Raw: OUT/reference.json beside the benchmark's results; server logs OUT/logs/reference-SETTING.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.gpu_overhead import wait_ready
+from deploy.bench.load import run_load
+from deploy.builder.manifest import built_model_dir
+from deploy.recipe import load_recipe
+from deploy.recipe.tasks import load_tasks
+from deploy.serve.ports import free_port
+
+FORMATS = {"none": "hf", "w4a16": "awq", "fp8": "fp8"}
+QUANT_POLICY = {"none": 0, "int8": 8, "int4": 4}
+
+
+def api_server_args(recipe, folder: Path, port: int) -> list[str]:
+    """api_server's flags for what the kit's recipe asked of TurboMind."""
+    engine, quant = recipe.engine, recipe.quantization
+    args = [str(folder), "--backend", "turbomind", "--model-format", FORMATS[quant.weights],
+            "--dtype", engine.dtype, "--quant-policy", str(QUANT_POLICY[quant.kv_cache]),
+            "--cache-max-entry-count", str(engine.cache_max_entry_count),
+            "--session-len", str(engine.session_len), "--max-batch-size", str(engine.max_batch_size),
+            "--model-name", recipe.name, "--server-port", str(port)]
+    return args + (["--trust-remote-code"] if recipe.model.trust_remote_code else [])
+
+
+def measure(url: str, model: str, prompts: list[str], profile: dict) -> list[dict]:
+    """The benchmark worker's serving measurement (deploy/bench/worker.py), step for step."""
+    rows = []
+    for c in profile["concurrency"]:
+        asyncio.run(run_load(url, model, prompts, c, c, 4))  # warm-up
+        for repeat in range(profile.get("repeats", 1)):
+            load = run_load(url, model, prompts, c, c * profile["requests_per_slot"], profile["serve_tokens"])
+            rows.append({**asyncio.run(load).as_dict(), "repeat": repeat})
+    return rows
+
+
+def reference(out: Path, label: str) -> dict:
+    spec = json.loads((out / "logs" / f"{label}.spec.json").read_text())
+    recipe = load_recipe(Path(spec["recipe"]))
+    folder = built_model_dir(recipe, force=True)  # what the kit served (random weights: ungated)
+    prompts = [t.prompt for t in load_tasks(Path(spec["tasks"]))]
+    port = free_port()
+    started = time.perf_counter()
+    with (out / "logs" / f"reference-{label}.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lmdeploy", "serve", "api_server",
+                                 *api_server_args(recipe, folder, port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, "/v1/models")
+        ready = time.perf_counter() - started
+        return {"setting": label, "server": "lmdeploy serve api_server", "folder": str(folder),
+                "args": api_server_args(recipe, folder, port)[1:], "ready_s": ready,
+                "serving": measure(url + "/v1", recipe.name, prompts, spec["profile"])}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="the benchmark's output folder")
+    parser.add_argument("--settings", default="lmdeploy-fp16,lmdeploy-fp8")
+    args = parser.parse_args()
+    path = args.out / "reference.json"
+    done = json.loads(path.read_text()) if path.is_file() else []
+    for label in args.settings.split(","):
+        if any(r["setting"] == label for r in done):
+            print(label, "measured earlier, kept", flush=True)
+            continue
+        try:
+            row = reference(args.out, label)
+        except (RuntimeError, OSError) as exc:  # recorded; the other settings still run
+            row = {"setting": label, "server": "lmdeploy serve api_server", "error": str(exc)}
+        done.append(row)
+        path.write_text(json.dumps(done, indent=1))
+        c1 = [round(r["output_tok_per_s"], 1) for r in row.get("serving", []) if r["concurrency"] == 1]
+        print(label, "api_server c1 tok/s:", c1 or row.get("error"), flush=True)
+
+
+if __name__ == "__main__":  # LMDeploy's start-up check spawns processes that re-import this
+    main()
