@@ -1,8 +1,9 @@
 """`quantization.weights: auto`: the weight format that decodes fastest where the model will run.
 
 The choice follows measurements, not format names:
-- Hopper and newer (sm_90+), TurboMind: FP8 decoded at 1.14x fp16 on the H200 and W4A16 at 0.73x
-  (random Llama-2-7B shapes, batch 1, 3 runs each; docs/data/gpu-2026-12-03-fp8/, docs/lmdeploy.md).
+- Hopper and newer (sm_90+), TurboMind: on the H200 FP8 served 1.17x fp16 at concurrency 1 and
+  W4A16 0.71x on Llama-2-7B shapes; FP8 1.15x on InternLM2-7B shapes (random weights, 3 runs each,
+  `deploy bench`; docs/bench/h200-turbomind*/, docs/benchmarks.md).
   TurboMind's FP8 computes in bf16, so engine.dtype float16 keeps fp16 weights.
 - Hopper on LMDeploy's PyTorch engine: fp16; its W4A16 decoded at 0.80x fp16 on the H100
   (../shared/device/README.md) and its FP8 path is not measured here.
@@ -66,8 +67,9 @@ def fastest_weights(backend: str, gpu: str | None, capability: tuple[int, int] |
         if dtype == "float16":
             return WeightChoice("none", f"{arch}: FP8 is fastest on TurboMind but computes in bf16, "
                                 "and engine.dtype is float16")
-        return WeightChoice("fp8", f"{arch}: FP8 decoded 1.14x fp16 on the H200 and W4A16 0.73x "
-                            "(docs/data/gpu-2026-12-03-fp8/)")
+        return WeightChoice("fp8", f"{arch}: FP8 served 1.17x fp16 on the H200 and W4A16 0.71x "
+                            "(Llama-2-7B shapes; FP8 1.15x on InternLM2-7B shapes; "
+                            "docs/bench/h200-turbomind*/)")
     if capability >= AWQ_MIN:
         return WeightChoice("w4a16", f"{arch}: AWQ W4A16, up to 2.4x fp16 on Turing to Ada by "
                             "LMDeploy's guide (not measured by this kit)")

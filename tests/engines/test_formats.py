@@ -31,7 +31,7 @@ def test_capability_from_names(name, capability):
 
 
 @pytest.mark.parametrize("backend, gpu, dtype, weights, says", [
-    ("lmdeploy-turbomind", "H200", "auto", "fp8", "1.14x"),
+    ("lmdeploy-turbomind", "H200", "auto", "fp8", "1.17x"),
     ("lmdeploy-turbomind", "H100", "float16", "none", "engine.dtype is float16"),
     ("lmdeploy-pytorch", "H100", "auto", "none", "PyTorch engine"),
     ("lmdeploy-turbomind", "A100-80G", "auto", "w4a16", "not measured by this kit"),
