@@ -1,7 +1,8 @@
 """How long llama-cpp-python takes to build from source with the kit's flags, with and without its
 multimodal library (mtmd, `-DLLAVA_BUILD=OFF`), which the kit never loads.
 
-Usage: python -m benchmarks.llama_build_time [--runs 3] [--out docs/data/llama-build-time.json]
+Usage: python -m benchmarks.llama_build_time [--runs 3] [--variants "NAME;NAME"]
+       [--out docs/data/llama-build-time.json] [--keep DIR]
 
 The source build is most of a fresh `make install` on a CPU machine (no wheel for these flags is
 published). Each run is `pip wheel --no-deps --no-cache-dir` of the same sdist into an empty
@@ -25,9 +26,12 @@ from benchmarks._common import cpu_name
 from deploy.package.wheelhouse import LLAMA_CMAKE_ARGS
 
 VERSION = "0.3.36"
-# The kit's flags before and after they dropped the multimodal library.
-BASE = LLAMA_CMAKE_ARGS.replace(" -DLLAVA_BUILD=OFF", "")
-VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF"}
+# The kit's flags before they dropped the multimodal library, then each step since: no mtmd; a
+# unity build without libcommon (deploy/package/llama_skip_common.cmake), today's LLAMA_CMAKE_ARGS.
+BASE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+        "-DGGML_OPENMP=OFF")
+VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF",
+            "kit flags, no mtmd, unity, no libcommon": LLAMA_CMAKE_ARGS.removeprefix(BASE)}
 
 
 def sdist(folder: Path) -> Path:
@@ -36,7 +40,7 @@ def sdist(folder: Path) -> Path:
     return next(folder.glob("llama_cpp_python-*.tar.gz"))
 
 
-def build(source: Path, extra: str, keep: Path | None) -> tuple[float, int]:
+def build(source: Path, extra: str, keep: Path | None, tag: str = "variant") -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "CMAKE_ARGS": BASE + extra}
         started = time.perf_counter()
@@ -44,9 +48,9 @@ def build(source: Path, extra: str, keep: Path | None) -> tuple[float, int]:
                         "-w", out, str(source)], check=True, env=env, capture_output=True)
         seconds = time.perf_counter() - started
         wheel = next(Path(out).glob("*.whl"))
-        if keep:
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(wheel, keep / (("nomtmd-" if extra else "") + wheel.name))
+        if keep:  # a folder per variant: pip wants a wheel's file name as built
+            (keep / tag).mkdir(parents=True, exist_ok=True)
+            shutil.copy(wheel, keep / tag / wheel.name)
         return seconds, wheel.stat().st_size
 
 
@@ -55,20 +59,23 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/data/llama-build-time.json"))
     parser.add_argument("--keep", type=Path, help="a folder to copy each variant's wheel into")
+    parser.add_argument("--variants", help="variant names separated by semicolons (default: all): "
+                        + "; ".join(VARIANTS))
     args = parser.parse_args()
-    results: dict[str, dict] = {name: {"seconds": [], "wheel_bytes": None} for name in VARIANTS}
+    variants = {n: VARIANTS[n] for n in (args.variants.split(";") if args.variants else VARIANTS)}
+    results: dict[str, dict] = {name: {"seconds": [], "wheel_bytes": None} for name in variants}
     with tempfile.TemporaryDirectory() as folder:
         source = sdist(Path(folder))
         for run in range(args.runs):
-            for name, extra in VARIANTS.items():
-                seconds, size = build(source, extra, args.keep)
+            for number, (name, extra) in enumerate(variants.items()):
+                seconds, size = build(source, extra, args.keep, f"variant{number}")
                 results[name]["seconds"].append(round(seconds, 1))
                 results[name]["wheel_bytes"] = size
                 print(f"run {run + 1} {name}: {seconds:.1f} s, wheel {size / 1e6:.1f} MB", flush=True)
     for entry in results.values():
         entry["median_s"] = statistics.median(entry["seconds"])
     report = {"what": f"pip wheel of llama-cpp-python {VERSION} from source, no pip cache",
-              "cmake_args": BASE, "variants": VARIANTS, "cpu": cpu_name(),
+              "cmake_args": BASE, "variants": variants, "cpu": cpu_name(),
               "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -28,10 +28,12 @@ class WheelhouseError(KitError):
 
 
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-# llama-cpp-python is a source build: portable AVX2, ggml's own threads, no multimodal library
-# (the Makefile says why).
+# llama-cpp-python is a source build: portable AVX2, ggml's own threads, no multimodal library, a
+# unity build without libcommon (the Makefile says why).
+SKIP_COMMON = Path(__file__).with_name("llama_skip_common.cmake")
 LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
-                    "-DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF")
+                    "-DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DCMAKE_UNITY_BUILD=ON "
+                    f"-DCMAKE_PROJECT_llama.cpp_INCLUDE={SKIP_COMMON}")
 
 
 def wheelhouse(requirements: str, no_deps: tuple[str, ...] = (), torch: str | None = None) -> Path:
