@@ -293,12 +293,15 @@ def _measure_verbs(verbs) -> None:
 
     p = verbs.add_parser("bench", help=bench.__doc__, description=bench.__doc__ + " Default "
                          "settings: on a GPU lmdeploy-fp16, lmdeploy-w4a16, lmdeploy-kv8, "
-                         "lmdeploy-w4a16-kv8, transformers-fp16; on a CPU transformers-bf16, "
-                         "transformers-w4a16. Each runs in a fresh process; a rerun keeps finished ones.")
+                         "lmdeploy-w4a16-kv8, transformers-fp16; on a CPU llamacpp-f16, llamacpp-q4_1 "
+                         "and transformers-bf16 for a recipe on engine.backend llamacpp, else "
+                         "transformers-bf16, transformers-w4a16. Each runs in a fresh process; a rerun "
+                         "keeps finished ones.")
     p.add_argument("recipe", type=Path, metavar="RECIPE", help="the model and engine settings to vary")
     p.add_argument("--tasks", type=Path, help="JSONL task file: prompt, optional reference and system "
                    "(default: the kit's sample set, English and Chinese)")
-    p.add_argument("--settings", help="comma-separated settings (also lmdeploy-kv4, lmdeploy-w4a16-kv4; "
+    p.add_argument("--settings", help="comma-separated settings (also llamacpp-q8_0, lmdeploy-kv4, "
+                   "lmdeploy-w4a16-kv4; "
                    "lmdeploy-fp8 and lmdeploy-fp8-kv8: blocked FP8 weights, TurboMind on Hopper or "
                    "newer; and lmdeploy-pytorch-fp16: LMDeploy's PyTorch engine whatever the recipe's "
                    "backend)")

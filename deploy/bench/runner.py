@@ -1,6 +1,7 @@
 """The benchmark: a matrix of settings, each measured in a fresh process, in one report.
 
 Default on a GPU: LMDeploy fp16, W4A16, KV int8, W4A16 + KV int8, and transformers fp16. On a CPU:
+llama.cpp F16 and Q4_1 with transformers bf16 for a recipe served by llama.cpp; otherwise
 transformers bf16 and transformers W4A16 (HQQ 4-bit). Each setting's result is written whole to
 OUT/SETTING.json, so a rerun resumes where a killed benchmark stopped.
 """
@@ -34,6 +35,10 @@ SETTINGS = {
     "lmdeploy-fp8-kv8": ("lmdeploy", "fp8", "int8"),
     # LMDeploy's PyTorch engine where `auto` picks TurboMind: the sixth row of the flagship table.
     "lmdeploy-pytorch-fp16": ("lmdeploy-pytorch", "none", "none"),
+    # llama.cpp, the CPU engine: the recipe's GGUF (F16 for the bundled model), or one the kit writes.
+    "llamacpp-f16": ("llamacpp", "none", "none"),
+    "llamacpp-q8_0": ("llamacpp", "q8_0", "none"),
+    "llamacpp-q4_1": ("llamacpp", "q4_1", "none"),
     "transformers-fp16": ("transformers", "none", "none"),
     "transformers-bf16": ("transformers", "none", "none"),
     "transformers-w4a16": ("transformers", "w4a16", "none"),
@@ -41,6 +46,8 @@ SETTINGS = {
 GPU_DEFAULT = ["lmdeploy-fp16", "lmdeploy-w4a16", "lmdeploy-kv8", "lmdeploy-w4a16-kv8",
                "transformers-fp16"]
 CPU_DEFAULT = ["transformers-bf16", "transformers-w4a16"]
+# A recipe served by llama.cpp is measured on llama.cpp, against the Hugging Face baseline.
+LLAMACPP_DEFAULT = ["llamacpp-f16", "llamacpp-q4_1", "transformers-bf16"]
 
 PROFILES = {
     "gpu": {"decode_tokens": 128, "offline_prompts": 32, "offline_tokens": 64,
@@ -66,6 +73,12 @@ def has_gpu() -> bool:
     return lmdeploy_installed() and visible_gpus() > 0
 
 
+def default_settings(base: Recipe, gpu: bool) -> list[str]:
+    if gpu:
+        return GPU_DEFAULT
+    return LLAMACPP_DEFAULT if base.engine.backend == "llamacpp" else CPU_DEFAULT
+
+
 def setting_recipe(base: Recipe, label: str) -> Recipe:
     """The base recipe with this setting's engine, weights and KV cache."""
     family, weights, kv = SETTINGS[label]
@@ -80,6 +93,8 @@ def setting_recipe(base: Recipe, label: str) -> Recipe:
             engine["cache_max_entry_count"] = engine.get("cache_max_entry_count") or FIXED_CACHE_RATIO
         if weights == "fp8":  # TurboMind's FP8 GEMMs take bfloat16 activations only
             engine["dtype"] = "bfloat16"
+    elif family == "llamacpp":
+        engine.update(backend="llamacpp", cache_max_entry_count=None, kv_cache_gib=None)
     else:
         engine.update(backend="transformers", cache_max_entry_count=None, kv_cache_gib=None)
         engine["dtype"] = "float16" if label.endswith("fp16") else "auto"
@@ -108,7 +123,7 @@ def run_bench(recipe_path: Path, tasks: Path | None, settings: list[str] | None,
     tasks = tasks or default_tasks_file()
     load_tasks(tasks)  # a bad task file fails now, not in every worker
     gpu = has_gpu()
-    settings = settings or (GPU_DEFAULT if gpu else CPU_DEFAULT)
+    settings = settings or default_settings(base, gpu)
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         from deploy.recipe import RecipeError

@@ -116,3 +116,27 @@ def test_fp8_settings_build_fp8_once_and_compute_in_bfloat16():
     assert fp8.engine.dtype == fp8_kv8.engine.dtype == "bfloat16"  # TurboMind's FP8 GEMMs
     assert fp8.name == fp8_kv8.name  # one build serves both (the KV cache is chosen at serving)
     assert setting_recipe(base, "lmdeploy-fp16").engine.dtype == base.engine.dtype
+
+
+@pytest.mark.slow  # three settings in fresh processes, about a minute on the 2-core machine
+def test_a_llamacpp_recipe_is_measured_on_llamacpp_against_transformers(tmp_path):
+    """The default recipe serves llama.cpp: its benchmark measures what it serves (the F16 GGUF and
+    a Q4_1 one the kit writes) beside the Hugging Face baseline, and scores Q4_1 against F16."""
+    from deploy.bench.runner import LLAMACPP_DEFAULT
+
+    run = subprocess.run([sys.executable, "-m", "deploy", "bench", "recipes/smollm2-cpu.yaml",
+                          "--profile", "smoke", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["setting"] for r in results] == LLAMACPP_DEFAULT
+    f16, q4, hf = results
+    assert [r["engine"] for r in results] == ["llamacpp", "llamacpp", "transformers"]
+    for r in results:
+        assert r["decode"]["decode_tok_per_s"] > 0
+        assert all(s["failed"] == 0 and s["output_tok_per_s"] > 0 for s in r["serving"])
+    weight_bytes = [r["memory"]["engine"]["weight_bytes"] for r in (f16, q4)]
+    assert q4["weights"] == "q4_1" and weight_bytes[1] < 0.5 * weight_bytes[0]
+    assert 0.95 <= f16["quality"]["top1_agreement"] <= 1.0  # the reference against its own record
+    assert 0.5 < q4["quality"]["top1_agreement"] <= 1.0 and q4["quality"]["mean_kl"] > 0
+    assert hf["quality"]["compared_positions"] == f16["quality"]["compared_positions"] > 0
