@@ -1,15 +1,20 @@
-"""LMDeploy's own `lmdeploy serve api_server` on the folders a `deploy bench` run served: a same-run
-reference for chosen rows of the benchmark's report.
+"""Same-run references for chosen rows of a `deploy bench` report: LMDeploy's own `lmdeploy serve
+api_server` on the folders the benchmark served, and the kit's own `deploy serve` on the same
+recipe, each server in its own process.
 
-Usage (on the GPU machine, after `python -m deploy bench RECIPE --out OUT`; tools/device_run.sh
+Usage (after `python -m deploy bench RECIPE --out OUT`; on the GPU machine tools/device_run.sh
 bench ... does both):
   python -m benchmarks.gpu_bench_reference OUT [--settings lmdeploy-fp16,lmdeploy-fp8]
+      [--servers api_server,kit]
 
-For each setting, the recipe the benchmark wrote (OUT/recipes/SETTING.yaml) gives the folder the
-kit served (the model, or the kit's build of it) and its TurboMind settings; api_server starts on
-that folder with the same settings, and the benchmark's own serving measurement (its profile and
-task prompts from OUT/logs/SETTING.spec.json, its client, deploy/bench/load.py) runs against it.
-Raw: OUT/reference.json beside the benchmark's results; server logs OUT/logs/reference-SETTING.log.
+Why both: the benchmark's worker serves the kit in-process and runs its load client in that same
+process, so at high concurrency the client and the server share one interpreter; api_server runs
+apart from its client. `kit` puts the kit on the same footing (`python -m deploy serve` in its own
+process), so the comparison with api_server is like for like. For each setting, the recipe the
+benchmark wrote (OUT/recipes/SETTING.yaml) gives the folder and its engine settings (api_server:
+TurboMind, the same settings); the benchmark's own serving measurement (its profile and task
+prompts from OUT/logs/SETTING.spec.json, its client, deploy/bench/load.py) runs against each.
+Raw: OUT/reference.json; server logs OUT/logs/reference-SERVER-SETTING.log.
 """
 
 from __future__ import annotations
@@ -56,23 +61,30 @@ def measure(url: str, model: str, prompts: list[str], profile: dict) -> list[dic
     return rows
 
 
-def reference(out: Path, label: str) -> dict:
+def start(server: str, recipe_file: Path, port: int, log) -> subprocess.Popen:
+    if server == "kit":  # random weights fail the gate: served anyway, as the benchmark does
+        command = ["-m", "deploy", "serve", str(recipe_file), "--port", str(port), "--force"]
+    else:
+        recipe = load_recipe(recipe_file)
+        command = ["-m", "lmdeploy", "serve", "api_server",
+                   *api_server_args(recipe, built_model_dir(recipe, force=True), port)]
+    return subprocess.Popen([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT)
+
+
+def reference(out: Path, label: str, server: str) -> dict:
     spec = json.loads((out / "logs" / f"{label}.spec.json").read_text())
     recipe = load_recipe(Path(spec["recipe"]))
-    folder = built_model_dir(recipe, force=True)  # what the kit served (random weights: ungated)
     prompts = [t.prompt for t in load_tasks(Path(spec["tasks"]))]
     port = free_port()
     started = time.perf_counter()
-    with (out / "logs" / f"reference-{label}.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lmdeploy", "serve", "api_server",
-                                 *api_server_args(recipe, folder, port)],
-                                stdout=log, stderr=subprocess.STDOUT)
+    with (out / "logs" / f"reference-{server}-{label}.log").open("w") as log:
+        proc = start(server, Path(spec["recipe"]), port, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, "/v1/models")
+        wait_ready(url, proc, "/health/ready" if server == "kit" else "/v1/models")
         ready = time.perf_counter() - started
-        return {"setting": label, "server": "lmdeploy serve api_server", "folder": str(folder),
-                "args": api_server_args(recipe, folder, port)[1:], "ready_s": ready,
+        return {"setting": label, "server": server, "ready_s": ready,
+                "folder": str(built_model_dir(recipe, force=True)),
                 "serving": measure(url + "/v1", recipe.name, prompts, spec["profile"])}
     finally:
         proc.send_signal(signal.SIGINT)
@@ -86,21 +98,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="the benchmark's output folder")
     parser.add_argument("--settings", default="lmdeploy-fp16,lmdeploy-fp8")
+    parser.add_argument("--servers", default="api_server,kit", help="api_server and/or kit")
     args = parser.parse_args()
     path = args.out / "reference.json"
     done = json.loads(path.read_text()) if path.is_file() else []
     for label in args.settings.split(","):
-        if any(r["setting"] == label for r in done):
-            print(label, "measured earlier, kept", flush=True)
-            continue
-        try:
-            row = reference(args.out, label)
-        except (RuntimeError, OSError) as exc:  # recorded; the other settings still run
-            row = {"setting": label, "server": "lmdeploy serve api_server", "error": str(exc)}
-        done.append(row)
-        path.write_text(json.dumps(done, indent=1))
-        c1 = [round(r["output_tok_per_s"], 1) for r in row.get("serving", []) if r["concurrency"] == 1]
-        print(label, "api_server c1 tok/s:", c1 or row.get("error"), flush=True)
+        for server in args.servers.split(","):
+            if any(r["setting"] == label and r["server"] == server for r in done):
+                print(label, server, "measured earlier, kept", flush=True)
+                continue
+            try:
+                row = reference(args.out, label, server)
+            except (RuntimeError, OSError) as exc:  # recorded; the others still run
+                row = {"setting": label, "server": server, "error": str(exc)}
+            done.append(row)
+            path.write_text(json.dumps(done, indent=1))
+            c1 = [round(r["output_tok_per_s"], 1) for r in row.get("serving", []) if r["concurrency"] == 1]
+            print(label, server, "c1 tok/s:", c1 or row.get("error"), flush=True)
 
 
 if __name__ == "__main__":  # LMDeploy's start-up check spawns processes that re-import this
