@@ -25,11 +25,18 @@ def limited(serve_with):
 
 def test_busy_server_answers_503_with_retry_after_then_recovers(limited):
     async def two_at_once():
+        # The second is sent once the first's first token has arrived, so the first is surely
+        # still being served (a fixed sleep raced a fast CPU: the first had finished).
         async with httpx.AsyncClient(base_url=limited.url, timeout=120) as client:
-            first = asyncio.create_task(client.post("/v1/chat/completions", json=QUESTION))
-            await asyncio.sleep(0.5)  # the first is being served
-            second = await client.post("/v1/chat/completions", json=QUESTION)
-            return await first, second
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json={**QUESTION, "stream": True, "max_tokens": 200}) as first:
+                lines = first.aiter_lines()
+                while not (await anext(lines)).startswith("data:"):
+                    pass
+                second = await client.post("/v1/chat/completions", json=QUESTION)
+                async for _ in lines:  # read the first to its end
+                    pass
+            return first, second
 
     first, second = asyncio.run(two_at_once())
     assert first.status_code == 200
