@@ -20,7 +20,6 @@ Raw: OUT/reference.json; server logs OUT/logs/reference-SERVER-SETTING.log.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import subprocess
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu_overhead import wait_ready
-from deploy.bench.load import run_load
+from deploy.bench.worker import serving_rows
 from deploy.builder.manifest import built_model_dir
 from deploy.recipe import load_recipe
 from deploy.recipe.tasks import load_tasks
@@ -48,17 +47,6 @@ def api_server_args(recipe, folder: Path, port: int) -> list[str]:
             "--session-len", str(engine.session_len), "--max-batch-size", str(engine.max_batch_size),
             "--model-name", recipe.name, "--server-port", str(port)]
     return args + (["--trust-remote-code"] if recipe.model.trust_remote_code else [])
-
-
-def measure(url: str, model: str, prompts: list[str], profile: dict) -> list[dict]:
-    """The benchmark worker's serving measurement (deploy/bench/worker.py), step for step."""
-    rows = []
-    for c in profile["concurrency"]:
-        asyncio.run(run_load(url, model, prompts, c, c, 4))  # warm-up
-        for repeat in range(profile.get("repeats", 1)):
-            load = run_load(url, model, prompts, c, c * profile["requests_per_slot"], profile["serve_tokens"])
-            rows.append({**asyncio.run(load).as_dict(), "repeat": repeat})
-    return rows
 
 
 def start(server: str, recipe_file: Path, port: int, log) -> subprocess.Popen:
@@ -85,7 +73,7 @@ def reference(out: Path, label: str, server: str) -> dict:
         ready = time.perf_counter() - started
         return {"setting": label, "server": server, "ready_s": ready,
                 "folder": str(built_model_dir(recipe, force=True)),
-                "serving": measure(url + "/v1", recipe.name, prompts, spec["profile"])}
+                "serving": serving_rows(url + "/v1", recipe.name, prompts, spec["profile"])}
     finally:
         proc.send_signal(signal.SIGINT)
         try:

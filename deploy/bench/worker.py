@@ -113,6 +113,20 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
     return quality, {"rows": rows, **({"not_scored": unscored} if unscored and not rows else {})}
 
 
+def serving_rows(url: str, model: str, prompts: list[str], profile: dict) -> list[dict]:
+    """Output tok/s and latencies at each of the profile's concurrencies, through the OpenAI API
+    at `url`: a warm-up wave, then `repeats` runs. Several requests per slot: with one, the batch
+    empties while the last answers finish, and the number says more about the tail than about the
+    concurrency. Repeats give the spread that a comparison needs (report.py shows it)."""
+    rows = []
+    for c in profile["concurrency"]:
+        asyncio.run(run_load(url, model, prompts, c, c, 4))  # warm-up
+        for repeat in range(profile.get("repeats", 1)):
+            load = run_load(url, model, prompts, c, c * profile["requests_per_slot"], profile["serve_tokens"])
+            rows.append({**asyncio.run(load).as_dict(), "repeat": repeat})
+    return rows
+
+
 def measure(spec: dict) -> dict:
     import torch
 
@@ -150,16 +164,7 @@ def measure(spec: dict) -> dict:
             result["memory"] = memory_report(assistant.engine, recipe)
             if torch.cuda.is_available():
                 result["memory"]["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            result["serving"] = []
-            for c in profile["concurrency"]:
-                asyncio.run(run_load(server.url + "/v1", recipe.name, prompts, c, c, 4))  # warm-up
-                # Several requests per slot: with one, the batch empties while the last answers
-                # finish, and the number says more about the tail than about the concurrency.
-                # Repeats give the spread that a comparison needs (report.py shows it).
-                for repeat in range(profile.get("repeats", 1)):
-                    load = run_load(server.url + "/v1", recipe.name, prompts, c,
-                                    c * profile["requests_per_slot"], profile["serve_tokens"])
-                    result["serving"].append({**asyncio.run(load).as_dict(), "repeat": repeat})
+            result["serving"] = serving_rows(server.url + "/v1", recipe.name, prompts, profile)
             reference = None
             if spec.get("reference") and Path(spec["reference"]).is_file():
                 reference = torch.load(spec["reference"])
