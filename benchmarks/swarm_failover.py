@@ -92,12 +92,7 @@ class Cluster:
         for i in range(1, self.nodes + 1):
             self.wait_engine(i)
         self.phases["nodes_up_s"] = round(time.monotonic() - started, 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = Path(tmp) / "images.tar"
-            docker("save", "-o", str(archive), *images)
-            for i in range(1, self.nodes + 1):
-                with archive.open("rb") as data:
-                    on(i, "load", "-q", stdin=data)
+        self.load_images(images)
         self.phases["images_loaded_s"] = round(time.monotonic() - started, 1)
         first = f"{prefix}.11"
         on(1, "swarm", "init", "--advertise-addr", first)
@@ -105,6 +100,28 @@ class Cluster:
         for i in range(2, self.nodes + 1):  # three managers: the swarm keeps its quorum without one
             on(i, "swarm", "join", "--token", token, f"{first}:2377")
         self.phases["swarm_formed_s"] = round(time.monotonic() - started, 1)
+
+    def load_images(self, images: list[str]) -> None:
+        """One `docker save` streamed into every node's `docker load` at once: no archive on disk
+        (it was a GB, and a CI machine's disk ran out writing it) and one read of the layers."""
+        save = subprocess.Popen(["docker", "save", *images], stdout=subprocess.PIPE)
+        loads = [subprocess.Popen(["docker", "exec", "-i", f"{PREFIX}{i}", "docker", "load", "-q"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for i in range(1, self.nodes + 1)]
+        try:
+            for chunk in iter(lambda: save.stdout.read(1 << 20), b""):
+                for load in loads:
+                    load.stdin.write(chunk)
+        finally:
+            for load in loads:
+                load.stdin.close()
+        saved = save.wait(600)
+        failed = [f"docker save exited {saved}"] if saved else []
+        for i, load in enumerate(loads, start=1):
+            if load.wait(600):
+                failed.append(f"node {i}'s docker load: {load.stderr.read().decode()[-1500:]}")
+        if failed:
+            raise RuntimeError("loading the images into the swarm's nodes failed: " + "; ".join(failed))
 
     def wait_engine(self, node: int, seconds: float = 90) -> None:
         deadline = time.monotonic() + seconds
