@@ -165,26 +165,32 @@ def _bundled_gguf(name: str) -> tuple[Path, str]:
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, target: Path, weights: bool) -> None:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    # The GGUF's metadata is parsed once, here. For a llama-architecture file transformers' fast
+    # metadata reader does not apply and gguf-py's reader takes ~4.5 s on 2 cores; AutoTokenizer
+    # and AutoModel given a gguf_file parse it again each (they ignore a passed config), so the
+    # tokenizer comes from the fast-tokenizer class AutoTokenizer resolves to for a GGUF (the same
+    # saved files: tests/builder/test_bundled_convert.py) and the model gets this config.
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=filename)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(gguf_dir, gguf_file=filename)
     # Atomic: a reader sees no folder or a complete one. A folder made without weights is
     # replaced whole when the weights are wanted later; otherwise another process may win the race.
     with atomic_dir(target, keep_existing=not weights) as tmp:
         if weights:
-            _save_bf16(gguf_dir, filename, tmp)
+            _save_bf16(gguf_dir, filename, config, tmp)
         else:
-            config = AutoConfig.from_pretrained(gguf_dir, gguf_file=filename)
             config.save_pretrained(tmp)
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
-def _save_bf16(gguf_dir: Path, filename: str, out: Path) -> None:
+def _save_bf16(gguf_dir: Path, filename: str, config, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, config=config,
+                                                 dtype=torch.bfloat16)
     # transformers refuses to save a model "quantized with gguf"; once dequantized on load it is a
     # plain model, so dropping the quantizer marker lets save_pretrained write safetensors.
     model.hf_quantizer = None
