@@ -4,9 +4,7 @@ official openai client, GET /memory, then the server is stopped. The server's ou
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from deploy.engines.hardware import cpu_name  # noqa: F401  (re-exported: the benchmarks name the CPU)
 from deploy.serve.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,19 +59,6 @@ def serve_and_ask(recipe: Path, log_path: Path, model_name: str, env: dict | Non
             except subprocess.TimeoutExpired:
                 server.kill()
     return result
-
-
-def cpu_name() -> str:
-    """The CPU and the flags that decide its speed (AVX2, AVX-512, AVX512-BF16, AMX)."""
-    name, flags = platform.processor(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
-    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
 def bundled_gguf(model_dir: Path, kind: str) -> Path:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+from deploy.engines.hardware import cpu_machine
 from deploy.recipe import Recipe
 
 GIB, MIB = 2**30, 2**20
@@ -27,7 +26,7 @@ def _machine(results: list[dict]) -> str:
     gpus = results[0]["memory"]["gpus"]
     if gpus:
         return f"{gpus[0]['name']} ({gpus[0]['total_bytes'] / GIB:.0f} GiB)"
-    return f"CPU only: {platform.machine()}, {os.cpu_count()} cores"
+    return cpu_machine()
 
 
 def write_report(out: Path, settings: list[str], base: Recipe, profile: str) -> Path:

@@ -3,10 +3,32 @@ GPU memory (the memory report and LMDeploy's environment-check key read it)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import platform
+from pathlib import Path
 
 import psutil
+
+
+def cpu_name() -> str:
+    """The CPU and the flags that decide its speed (AVX2, AVX-512, AVX512-BF16, AMX): machines of one
+    kind differ in them, so every CPU figure is reported beside them."""
+    name, flags = platform.processor(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+    return f"{name} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def cpu_machine() -> str:
+    """This CPU machine in a report's words: the CPU, its flags, the cores."""
+    return f"CPU only: {cpu_name()}, {platform.machine()}, {os.cpu_count()} cores"
 
 
 def lmdeploy_installed() -> bool:

@@ -34,6 +34,9 @@ def kv_bytes_per_token(config: Any, kv_cache: str = "none", dtype_bytes: float =
 
 
 DTYPE_BYTES = {"auto": 2, "float16": 2, "bfloat16": 2, "float32": 4}
+# Bytes per block of 32 weights: q8_0 is 32 int8 and an f16 scale; q4_1 is 32 nibbles, an f16
+# scale and an f16 minimum (ggml-common.h).
+GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}
 
 
 def parameter_counts(config: Any) -> dict[str, int]:
@@ -52,13 +55,16 @@ def parameter_counts(config: Any) -> dict[str, int]:
 
 def weight_bytes(config: Any, weights: str = "none", dtype: str = "auto", group_size: int = 128) -> int:
     """Bytes of the weights on the GPU. AWQ W4A16: int4 linears plus an fp16 scale and a packed
-    int4 zero point per group; FP8: a byte per linear weight plus its blocks' multipliers;
-    embeddings, lm_head and norms stay fp16."""
+    int4 zero point per group; FP8: a byte per linear weight plus its blocks' multipliers; GGUF
+    q8_0/q4_1 (llama.cpp, in RAM): the linears' blocks; embeddings, lm_head and norms stay fp16."""
     counts = parameter_counts(config)
     if weights == "none":
         return (counts["linear"] + counts["other"]) * DTYPE_BYTES[dtype]
     if weights == "fp8":  # one byte per linear weight, a float32 multiplier per 128x128 block
         return int(counts["linear"] * (1 + 4 / 128**2) + counts["other"] * 2)
+    if weights in GGUF_BLOCK_BYTES:  # the linears in blocks of 32; the rest counted as f16, an upper
+        # bound (llama.cpp's quantize may store the embeddings smaller too)
+        return int(counts["linear"] * GGUF_BLOCK_BYTES[weights] / 32 + counts["other"] * 2)
     linear = counts["linear"]
     groups = linear / group_size
     return int(linear * 0.5 + groups * 2 + groups * 0.5 + counts["other"] * 2)

@@ -9,7 +9,6 @@ benchmark's worker within a budget (measure.py) -> the quality floor and the goa
 from __future__ import annotations
 
 import os
-import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ def machine_target(gpu: str | None, plan_only: bool) -> tuple[Target, str]:
     """The target to fit, and the machine that measures (a description, for the report)."""
     from deploy.bench.runner import has_gpu
     from deploy.capacity.planner import parse_gpu
-    from deploy.engines.hardware import gpu_report
+    from deploy.engines.hardware import cpu_machine, gpu_report
 
     card = gpu_report()["gpus"][0] if has_gpu() else None  # the GPU that measures, if any
     if gpu is not None and card is None and not plan_only:
@@ -58,7 +57,7 @@ def machine_target(gpu: str | None, plan_only: bool) -> tuple[Target, str]:
         target = Target("cpu", f"this CPU machine ({os.cpu_count()} cores)",
                         psutil.virtual_memory().total)
     machine = (f"{card['name']} ({card['total_bytes'] / 2**30:.0f} GiB)" if card is not None
-               else f"CPU only: {platform.machine()}, {os.cpu_count()} cores")
+               else cpu_machine())
     return target, machine
 
 

@@ -2,8 +2,10 @@
 
 A candidate is one point of weights x KV cache x cache size x max_batch_size x session_len. On a
 GPU the planner (deploy/capacity/planner.py) decides whether it fits the target card and holds the
-sessions asked for. On a CPU the transformers engine runs: it keeps an unquantized KV cache that
-grows per request, so the check is the weights plus every session's full KV against the RAM.
+sessions asked for. On a CPU the recipe's CPU engine runs: llama.cpp (a recipe with engine.backend
+llamacpp: F16, q8_0 and q4_1 GGUFs, an fp16 KV cache reserved up front for every sequence) or
+transformers (HQQ 4-bit weights by group size, an unquantized KV cache that grows per request); the
+check is the weights plus every session's full KV against the RAM.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from deploy.recipe import Recipe, parse_recipe
 GPU_HEADROOM = 0.06
 CPU_OVERHEAD_BYTES = 1 * GIB  # Python, torch and the server beside the weights (RSS seen: 0.6-0.8 GiB)
 KV_ORDER = {"none": 0, "int8": 1, "int4": 2}
-WEIGHT_ORDER = {"none": 0, "fp8": 1, "w4a16": 2}
+WEIGHT_ORDER = {"none": 0, "fp8": 1, "w4a16": 2, "q8_0": 1, "q4_1": 2}
+GGUF_WEIGHTS = ("none", "q8_0", "q4_1")  # llama.cpp's candidates: F16, 8-bit, 4-bit
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Candidate:
-    family: str  # lmdeploy (on a GPU) | transformers (on a CPU)
-    weights: str  # none | fp8 | w4a16
+    family: str  # lmdeploy (on a GPU) | llamacpp or transformers (on a CPU)
+    weights: str  # none | fp8 | w4a16 | q8_0 | q4_1 (the last two: llamacpp)
     kv_cache: str  # none | int8 | int4
     max_batch_size: int
     session_len: int
@@ -49,7 +52,7 @@ class Candidate:
         cache = (f"-kv{self.kv_cache_gib:g}g" if self.kv_cache_gib is not None else
                  f"-r{self.cache_max_entry_count:g}" if self.cache_max_entry_count else "")
         kv = "" if self.kv_cache == "none" else f"-kv{self.kv_cache[3:]}"
-        weights = {"none": "fp", "fp8": "fp8"}.get(self.weights, f"w4a16g{self.group_size}")
+        weights = {"none": "fp", "w4a16": f"w4a16g{self.group_size}"}.get(self.weights, self.weights)
         return f"{weights}{kv}-b{self.max_batch_size}-s{self.session_len}{cache}"
 
     @property
@@ -68,8 +71,8 @@ class Candidate:
         data = base.model_dump(exclude={"publish"})
         engine = data["engine"]
         family = self.family
-        if family == "transformers":
-            engine["backend"] = "transformers"
+        if family in ("transformers", "llamacpp"):
+            engine["backend"] = family
         elif not str(engine["backend"]).startswith("lmdeploy"):
             engine["backend"] = "auto"
         engine.update(max_batch_size=self.max_batch_size, session_len=self.session_len,
@@ -117,20 +120,17 @@ def enumerate_candidates(base: Recipe, target: Target, sessions: int, config: di
     session_lens = session_lens or ([base.engine.session_len] if not gpu else
                                     sorted({base.engine.session_len,
                                             max(1024, base.engine.session_len // 2)}, reverse=True))
+    if not gpu:
+        return _cpu_candidates(base, config, batch_sizes, session_lens)
     ratio = base.engine.cache_max_entry_count or 0.8
     found: list[Candidate] = []
-    formats = [("none", base.quantization.group_size)] + [
-        ("w4a16", g) for g in group_sizes(base.quantization.group_size, config, gpu)]
-    if gpu and fp8_fits(base, target):
+    formats = [("none", base.quantization.group_size), ("w4a16", base.quantization.group_size)]
+    if fp8_fits(base, target):
         formats.insert(1, ("fp8", 128))  # 128x128 blocks: TurboMind's one FP8 layout
     for weights, group in formats:
         for kv in ("none", "int8", "int4"):
             for batch in batch_sizes:
                 for session_len in session_lens:
-                    if not gpu:
-                        found.append(Candidate("transformers", weights, kv, batch, session_len,
-                                               group_size=group))
-                        continue
                     found.append(Candidate("lmdeploy", weights, kv, batch, session_len,
                                            cache_max_entry_count=ratio, group_size=group))
                     # The alternative: exactly the KV the sessions need, the rest of the card left free.
@@ -140,6 +140,22 @@ def enumerate_candidates(base: Recipe, target: Target, sessions: int, config: di
                     found.append(Candidate("lmdeploy", weights, kv, batch, session_len, kv_cache_gib=gib,
                                            group_size=group))
     return found
+
+
+def _cpu_candidates(base: Recipe, config: dict, batch_sizes: list[int],
+                    session_lens: list[int]) -> list[Candidate]:
+    """The recipe's own CPU engine: a llama.cpp recipe is tuned on llama.cpp (about 10x the
+    transformers engine here, docs/cpu-runtimes.md), any other on transformers. KV int8/int4 are
+    listed too, so that the report says why neither CPU engine offers them."""
+    group = base.quantization.group_size
+    if base.engine.backend == "llamacpp":
+        family, formats = "llamacpp", [(weights, group) for weights in GGUF_WEIGHTS]
+    else:
+        family = "transformers"
+        formats = [("none", group)] + [("w4a16", g) for g in group_sizes(group, config, gpu=False)]
+    return [Candidate(family, weights, kv, batch, session_len, group_size=g)
+            for weights, g in formats for kv in ("none", "int8", "int4")
+            for batch in batch_sizes for session_len in session_lens]
 
 
 def fp8_fits(base: Recipe, target: Target) -> bool:
@@ -185,19 +201,26 @@ def judge(base: Recipe, candidate: Candidate, target: Target, sessions: int, con
 def _judge_cpu(base: Recipe, candidate: Candidate, target: Target, sessions: int,
                config: dict) -> Verdict:
     engine = base.engine
+    llamacpp = candidate.family == "llamacpp"
     weights = weight_bytes(config, candidate.weights, engine.dtype, base.quantization.group_size)
-    per_token = kv_bytes_per_token(config, "none", DTYPE_BYTES[engine.dtype])
-    kv = sessions * candidate.session_len * per_token
+    # llama.cpp reserves fp16 KV for every sequence (and one for scoring) when it starts;
+    # transformers' cache grows with the sessions actually served.
+    per_token = kv_bytes_per_token(config, "none", 2 if llamacpp else DTYPE_BYTES[engine.dtype])
+    sequences = candidate.max_batch_size + 1 if llamacpp else sessions
+    kv = sequences * candidate.session_len * per_token
     need = weights + kv + CPU_OVERHEAD_BYTES
     fits = need <= target.total_bytes
     held = max(0, (target.total_bytes - weights - CPU_OVERHEAD_BYTES) // (candidate.session_len * per_token))
+    if llamacpp:  # its sequences at once; more sessions wait their turn, as with transformers
+        held = min(held, candidate.max_batch_size)
     verdict = Verdict(candidate, candidate.label, fits, need, None, held)
     if candidate.kv_cache != "none":
         verdict.fits = False
-        verdict.reason = ("the transformers engine (the CPU engine) keeps an unquantized KV cache; "
-                          f"KV {candidate.kv_cache} is served by LMDeploy on a GPU")
+        engine_name = "llama.cpp (as the kit runs it)" if llamacpp else "the transformers engine"
+        verdict.reason = (f"{engine_name} keeps an unquantized KV cache on a CPU; KV "
+                          f"{candidate.kv_cache} is served by LMDeploy on a GPU")
     elif not fits:
-        verdict.reason = (f"weights and {sessions} full sessions need {need / GIB:.1f} GiB of the "
+        verdict.reason = (f"weights and {sequences} full sessions need {need / GIB:.1f} GiB of the "
                           f"{target.total_bytes / GIB:.1f} GiB of RAM")
     else:
         verdict.status, verdict.reason = "unmeasured", "fits; not measured yet"

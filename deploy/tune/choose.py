@@ -24,7 +24,7 @@ def goal_value(verdict: Verdict, goal: str) -> tuple[float, float, float] | None
     """(value, low, high) in the goal's unit, where higher is better after the sign; None if unknown."""
     m = verdict.measured
     if goal == "memory":
-        cpu = verdict.candidate.family == "transformers"
+        cpu = verdict.candidate.family != "lmdeploy"
         value = m.get("memory_bytes") if cpu else verdict.predicted_bytes
         return None if value is None else (-value, -value, -value)
     key = "output_tok_per_s" if goal == "throughput" else "latency_ms"

@@ -50,7 +50,7 @@ def test_the_winning_recipe_validates_and_met_the_floor(tuned):
     candidate = winner["candidate"]
     assert recipe["engine"]["max_batch_size"] == candidate["max_batch_size"]
     assert recipe["quantization"]["weights"] == candidate["weights"]
-    assert recipe["engine"]["backend"] == "transformers"
+    assert recipe["engine"]["backend"] == "llamacpp"  # the recipe's own CPU engine is tuned
     # The winner beat, or tied with, every other candidate that passed.
     passed = [c for c in report["candidates"] if c["status"] == "measured"]
     for other in passed:
@@ -70,10 +70,11 @@ def test_every_candidate_says_why(tuned):
             assert c["status"] == "pruned" and "LMDeploy" in c["reason"]
         if c["status"] == "failed" and c["measured"]:
             assert "floor" in c["reason"] or "KL" in c["reason"]
-    # HQQ on SmolLM2's 576-wide layers: group sizes 64 and 32 are tried, 128 does not divide.
-    groups = {c["candidate"]["group_size"] for c in report["candidates"]
-              if c["candidate"]["weights"] == "w4a16"}
-    assert groups == {64, 32}
+    # The default recipe is on llama.cpp: its GGUF types are the candidates, every one on llama.cpp.
+    assert {c["candidate"]["weights"] for c in report["candidates"]} == {"none", "q8_0", "q4_1"}
+    assert {c["candidate"]["family"] for c in report["candidates"]} == {"llamacpp"}
+    measured = {c["candidate"]["weights"] for c in report["candidates"] if c["measured"]}
+    assert "none" in measured and measured - {"none"}, "the reference and a quantized candidate"
     assert (out / "candidates.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -102,6 +103,50 @@ def test_a_rerun_keeps_what_was_measured(tuned):
     assert time.monotonic() - started < 30  # nothing re-measured
     assert {p.name: p.stat().st_mtime for p in (out / "measured").glob("*.json")} == files
     assert json.loads((out / "report.json").read_text())["winner"] == report["winner"]
+
+
+def test_a_transformers_recipe_is_tuned_on_transformers_with_hqq_group_sizes():
+    from deploy.builder.sources import model_config
+    from deploy.recipe import load_recipe
+    from deploy.tune.candidates import Target, enumerate_candidates, judge
+
+    base = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    base = base.model_copy(update={"engine": base.engine.model_copy(update={"backend": "transformers"})})
+    config = model_config(base)
+    target = Target("cpu", "this CPU", 24 * 2**30)
+    candidates = enumerate_candidates(base, target, 4, config)
+    assert {c.family for c in candidates} == {"transformers"}
+    # HQQ on SmolLM2's 576-wide layers: group sizes 64 and 32 are tried, 128 does not divide.
+    assert {c.group_size for c in candidates if c.weights == "w4a16"} == {64, 32}
+    verdicts = [judge(base, c, target, 4, config) for c in candidates]
+    assert all(v.status == "pruned" and "LMDeploy" in v.reason for v in verdicts
+               if v.candidate.kv_cache != "none")
+    assert all(v.status == "unmeasured" for v in verdicts if v.candidate.kv_cache == "none")
+
+
+def test_llamacpp_candidates_fit_by_their_gguf_size_and_reserved_kv():
+    from deploy.builder.sources import model_config
+    from deploy.engines.sizing import kv_bytes_per_token, weight_bytes
+    from deploy.recipe import load_recipe
+    from deploy.tune.candidates import CPU_OVERHEAD_BYTES, Target, enumerate_candidates, judge
+
+    base = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    config = model_config(base)
+    by_weights = {}
+    for candidate in enumerate_candidates(base, Target("cpu", "this CPU", 24 * 2**30), 4, config):
+        if candidate.kv_cache == "none" and candidate.max_batch_size == 4:
+            by_weights[candidate.weights] = judge(base, candidate, Target("cpu", "x", 24 * 2**30), 4,
+                                                  config).predicted_bytes
+    # q4_1 < q8_0 < F16, and the KV of 4 sequences plus the scoring one is reserved up front.
+    assert by_weights["q4_1"] < by_weights["q8_0"] < by_weights["none"]
+    reserved = 5 * base.engine.session_len * kv_bytes_per_token(config, "none", 2)
+    assert by_weights["none"] == weight_bytes(config, "none", "float16") + reserved + CPU_OVERHEAD_BYTES
+    # RAM too small for the F16 weights with that KV: pruned, with the sizes in the reason.
+    small = Target("cpu", "a small box", by_weights["q4_1"] + 1)
+    tight = [judge(base, c, small, 4, config) for c in enumerate_candidates(base, small, 4, config)
+             if c.kv_cache == "none" and c.max_batch_size == 4]
+    assert [v.status for v in tight] == ["pruned", "pruned", "unmeasured"]
+    assert "GiB of RAM" in tight[0].reason
 
 
 def test_plan_only_for_a_gpu_agrees_with_the_planner(tmp_path):
