@@ -37,7 +37,7 @@ else
 	@# indexes first (a local wheel, a mirror); else from PyTorch's CPU index.
 	@mkdir -p $(VENV)/wheels; \
 	llama=$$($(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["cpu"][0])'); \
-	echo "building $$llama for this CPU while the rest installs (once, about 2 minutes on 2 cores; pip keeps the wheel)"; \
+	echo "building $$llama for this CPU while the rest installs (once, about 1.5 minutes on 2 cores; pip keeps the wheel)"; \
 	$(PY) -m pip wheel -q --no-deps -w $(VENV)/wheels "$$llama" > $(VENV)/llama-build.log 2>&1 & build=$$!; \
 	{ $(PIP) '$(TORCH_SPEC)' 2>/dev/null || $(PIP) '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX); } \
 	  && $(PIP) -e .; status=$$?; \

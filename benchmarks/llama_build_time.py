@@ -1,5 +1,5 @@
 """How long llama-cpp-python takes to build from source with the kit's flags, with and without its
-multimodal library (mtmd, `-DLLAVA_BUILD=OFF`), which the kit never loads.
+multimodal library (mtmd, `-DLLAVA_BUILD=OFF`), which the kit never loads, and each later step.
 
 Usage: python -m benchmarks.llama_build_time [--runs 3] [--variants "NAME;NAME"]
        [--out docs/data/llama-build-time.json] [--keep DIR]
@@ -30,8 +30,11 @@ VERSION = "0.3.36"
 # unity build without libcommon (deploy/package/llama_skip_common.cmake), today's LLAMA_CMAKE_ARGS.
 BASE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
         "-DGGML_OPENMP=OFF")
+# The last two differ in libllama's optimization level only (llama_skip_common.cmake).
 VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF",
-            "kit flags, no mtmd, unity, no libcommon": LLAMA_CMAKE_ARGS.removeprefix(BASE)}
+            "kit flags, no mtmd, unity, no libcommon": LLAMA_CMAKE_ARGS.removeprefix(BASE)
+            + " -DXLAB_LLAMA_OPT=3",
+            "kit flags, no mtmd, unity, no libcommon, libllama -O1": LLAMA_CMAKE_ARGS.removeprefix(BASE)}
 
 
 def sdist(folder: Path) -> Path:
