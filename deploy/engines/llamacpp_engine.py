@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deploy.engines.base import Delta, Engine, EngineActivity, EngineMemory, GenerationParams
 from deploy.engines.chat_format import eos_ids, load_tokenizer
-from deploy.engines.sizing import kv_bytes_per_token
+from deploy.engines.sizing import kv_bytes_per_token, llamacpp_kv_cells
 from deploy.engines.token_stream import stream_answer
 
 
@@ -85,7 +85,7 @@ class LlamaCppEngine(Engine):
     def memory(self) -> EngineMemory:
         per_token = (kv_bytes_per_token(self.model_config, "none", 2)
                      if self.model_config else None)
-        cells = self.session_len * (self.max_batch_size + 1)
+        cells = llamacpp_kv_cells(self.session_len, self.max_batch_size)
         return EngineMemory(
             device="cpu",
             weight_bytes=self._batcher.weight_bytes,

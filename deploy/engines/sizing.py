@@ -39,6 +39,12 @@ DTYPE_BYTES = {"auto": 2, "float16": 2, "bfloat16": 2, "float32": 4}
 GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}
 
 
+def llamacpp_kv_cells(session_len: int, max_batch_size: int) -> int:
+    """Tokens of fp16 KV cache llama.cpp allocates when it starts: session_len for each of
+    max_batch_size sequences, plus one sequence kept for scoring (llamacpp_batcher.py)."""
+    return session_len * (max_batch_size + 1)
+
+
 def parameter_counts(config: Any) -> dict[str, int]:
     """Parameters of a Llama-family decoder by kind: `linear` (what AWQ quantizes) and `other`."""
     layers, kv_heads, head_dim = attention_shape(config)

@@ -7,8 +7,8 @@
 set(LLAMA_BUILD_COMMON OFF)
 
 # libllama (model loading, vocabulary, the per-token graph build) at -O1, ggml (every matrix
-# multiply and kernel) left at -O3: libllama is two thirds of the compile on 2 cores (71 s of 98 s
-# alone; 51 s at -O1) and little of a token's time. -DXLAB_LLAMA_OPT=3 builds it as upstream does.
+# multiply and kernel) left at -O3: libllama is most of the compile and little of a token's time.
+# -DXLAB_LLAMA_OPT=3 builds it as upstream does.
 # Measured: docs/cpu-runtimes.md, "Build time" (build time and decode speed, both variants).
 set(XLAB_LLAMA_OPT "1" CACHE STRING "optimization level for libllama (ggml keeps -O3)")
 function(_xlab_llama_opt)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from deploy.capacity.planner import GIB, plan
 from deploy.engines.formats import HOPPER, capability_for
-from deploy.engines.sizing import DTYPE_BYTES, kv_bytes_per_token, weight_bytes
+from deploy.engines.sizing import DTYPE_BYTES, kv_bytes_per_token, llamacpp_kv_cells, weight_bytes
 from deploy.recipe import Recipe, parse_recipe
 
 # Room the planner's prediction must leave on the target card. Measured on the H100 (TurboMind,
@@ -203,11 +203,12 @@ def _judge_cpu(base: Recipe, candidate: Candidate, target: Target, sessions: int
     engine = base.engine
     llamacpp = candidate.family == "llamacpp"
     weights = weight_bytes(config, candidate.weights, engine.dtype, base.quantization.group_size)
-    # llama.cpp reserves fp16 KV for every sequence (and one for scoring) when it starts;
-    # transformers' cache grows with the sessions actually served.
+    # llama.cpp reserves its fp16 KV when it starts; transformers' cache grows with the sessions
+    # actually served.
     per_token = kv_bytes_per_token(config, "none", 2 if llamacpp else DTYPE_BYTES[engine.dtype])
-    sequences = candidate.max_batch_size + 1 if llamacpp else sessions
-    kv = sequences * candidate.session_len * per_token
+    tokens = (llamacpp_kv_cells(candidate.session_len, candidate.max_batch_size) if llamacpp
+              else sessions * candidate.session_len)
+    kv = tokens * per_token
     need = weights + kv + CPU_OVERHEAD_BYTES
     fits = need <= target.total_bytes
     held = max(0, (target.total_bytes - weights - CPU_OVERHEAD_BYTES) // (candidate.session_len * per_token))
@@ -220,7 +221,8 @@ def _judge_cpu(base: Recipe, candidate: Candidate, target: Target, sessions: int
         verdict.reason = (f"{engine_name} keeps an unquantized KV cache on a CPU; KV "
                           f"{candidate.kv_cache} is served by LMDeploy on a GPU")
     elif not fits:
-        verdict.reason = (f"weights and {sequences} full sessions need {need / GIB:.1f} GiB of the "
+        verdict.reason = (f"weights and {tokens // candidate.session_len} full sessions need "
+                          f"{need / GIB:.1f} GiB of the "
                           f"{target.total_bytes / GIB:.1f} GiB of RAM")
     else:
         verdict.status, verdict.reason = "unmeasured", "fits; not measured yet"
