@@ -7,10 +7,11 @@ bench ... does both):
   python -m benchmarks.gpu_bench_reference OUT [--settings lmdeploy-fp16,lmdeploy-fp8]
       [--servers api_server,kit]
 
-Why both: the benchmark's worker serves the kit in-process and runs its load client in that same
-process, so at high concurrency the client and the server share one interpreter; api_server runs
-apart from its client. `kit` puts the kit on the same footing (`python -m deploy serve` in its own
-process), so the comparison with api_server is like for like. For each setting, the recipe the
+Why both: until 2026-12-03 the benchmark's worker ran its load client on the interpreter that
+served the kit, so at high concurrency client and server shared one GIL while api_server ran apart
+from its client. `kit` serves the kit with `python -m deploy serve` in its own process, so the
+comparison with api_server is like for like (the worker's client now runs in its own process too,
+deploy/bench/load.py). For each setting, the recipe the
 benchmark wrote (OUT/recipes/SETTING.yaml) gives the folder and its engine settings (api_server:
 TurboMind, the same settings); the benchmark's own serving measurement (its profile and task
 prompts from OUT/logs/SETTING.spec.json, its client, deploy/bench/load.py) runs against each.
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu_overhead import wait_ready
-from deploy.bench.worker import serving_rows
+from deploy.bench.load import serving_rows
 from deploy.builder.manifest import built_model_dir
 from deploy.recipe import load_recipe
 from deploy.recipe.tasks import load_tasks

@@ -5,12 +5,22 @@ serving benchmarks measure it:
 - TPOT: (end-to-end latency - TTFT) / (output tokens - 1), per request.
 - ITL: the gap between consecutive streamed chunks, over all chunks of all requests.
 - request/s and output tok/s: completed requests and generated tokens over the wall time.
+
+`serving_rows_apart` runs the client in a child process (`python -m deploy.bench.load`, a JSON spec
+on stdin, the rows on stdout), so that it never shares an interpreter with the server it measures.
+Measured on the lent H200 (InternLM2-7B shapes, TurboMind fp16, 64 concurrent streams, random
+weights): the kit's server measured by a client in its own process, 7,604 output tok/s; the same
+server measured by a client on the server's interpreter, 5,100 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -98,3 +108,38 @@ async def run_load(base_url: str, model: str, prompts: list[str], concurrency: i
     done = requests - failed
     return LoadResult(concurrency, requests, failed, seconds, done / seconds, produced / seconds,
                       percentiles(ttfts), percentiles(tpots), percentiles(itls))
+
+
+def serving_rows(url: str, model: str, prompts: list[str], profile: dict) -> list[dict]:
+    """Output tok/s and latencies at each of the profile's concurrencies, through the OpenAI API
+    at `url`: a warm-up wave, then `repeats` runs. Several requests per slot: with one, the batch
+    empties while the last answers finish, and the number says more about the tail than about the
+    concurrency. Repeats give the spread that a comparison needs (report.py shows it)."""
+    rows = []
+    for c in profile["concurrency"]:
+        asyncio.run(run_load(url, model, prompts, c, c, 4))  # warm-up
+        for repeat in range(profile.get("repeats", 1)):
+            load = run_load(url, model, prompts, c, c * profile["requests_per_slot"], profile["serve_tokens"])
+            rows.append({**asyncio.run(load).as_dict(), "repeat": repeat, "client_pid": os.getpid()})
+    return rows
+
+
+def serving_rows_apart(url: str, model: str, prompts: list[str], profile: dict) -> list[dict]:
+    """`serving_rows` from a child process: the client must not share the server's interpreter
+    (at 64 streams the two contend for one GIL and the server looks slower than it is)."""
+    spec = {"url": url, "model": model, "prompts": prompts, "profile": profile}
+    done = subprocess.run([sys.executable, "-m", "deploy.bench.load"], input=json.dumps(spec),
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the serving load client failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    rows = serving_rows(spec["url"], spec["model"], spec["prompts"], spec["profile"])
+    sys.stdout.write(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,11 @@
 """One benchmark setting, measured in a fresh process: `python -m deploy.bench.worker SPEC.json`.
 
 Loads the setting's assistant, serves it on loopback with the kit's own server, and measures:
-start time, batch-1 decode, offline throughput, serving at each concurrency through the OpenAI API,
-memory (/memory's report, with the planner's prediction), and quality against the reference
-setting's logits on the task prompts. Engine-direct work runs on the server's event loop, because
-an LMDeploy engine is bound to the loop that first uses it.
+start time, batch-1 decode, offline throughput, serving at each concurrency through the OpenAI API
+(from a client in its own process: deploy/bench/load.py says why), memory (/memory's report, with
+the planner's prediction), and quality against the reference setting's logits on the task
+prompts. Engine-direct work runs on the server's event loop, because an LMDeploy engine is bound
+to the loop that first uses it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.bench.load import run_load
+from deploy.bench.load import serving_rows_apart
 from deploy.bench.scoring import score
 from deploy.builder.gate import UnscorableLogits, agreement, scorable
 from deploy.builder.pipeline import build
@@ -113,20 +114,6 @@ async def _quality(assistant: Assistant, tasks, tokens: int, reference: dict | N
     return quality, {"rows": rows, **({"not_scored": unscored} if unscored and not rows else {})}
 
 
-def serving_rows(url: str, model: str, prompts: list[str], profile: dict) -> list[dict]:
-    """Output tok/s and latencies at each of the profile's concurrencies, through the OpenAI API
-    at `url`: a warm-up wave, then `repeats` runs. Several requests per slot: with one, the batch
-    empties while the last answers finish, and the number says more about the tail than about the
-    concurrency. Repeats give the spread that a comparison needs (report.py shows it)."""
-    rows = []
-    for c in profile["concurrency"]:
-        asyncio.run(run_load(url, model, prompts, c, c, 4))  # warm-up
-        for repeat in range(profile.get("repeats", 1)):
-            load = run_load(url, model, prompts, c, c * profile["requests_per_slot"], profile["serve_tokens"])
-            rows.append({**asyncio.run(load).as_dict(), "repeat": repeat})
-    return rows
-
-
 def measure(spec: dict) -> dict:
     import torch
 
@@ -164,7 +151,7 @@ def measure(spec: dict) -> dict:
             result["memory"] = memory_report(assistant.engine, recipe)
             if torch.cuda.is_available():
                 result["memory"]["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            result["serving"] = serving_rows(server.url + "/v1", recipe.name, prompts, profile)
+            result["serving"] = serving_rows_apart(server.url + "/v1", recipe.name, prompts, profile)
             reference = None
             if spec.get("reference") and Path(spec["reference"]).is_file():
                 reference = torch.load(spec["reference"])

@@ -38,6 +38,8 @@ def test_results_are_sane(bench_out):
         assert all(s["failed"] == 0 and s["output_tok_per_s"] > 0 for s in r["serving"])
         assert all(s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] for s in r["serving"])
         assert r["memory"]["gpus"] == [] and r["memory"]["process"]["rss_bytes"] > 0
+        # The load client ran in a process of its own, not on the serving interpreter.
+        assert all(s["client_pid"] != r["memory"]["process"]["pid"] for s in r["serving"])
         assert r["quality"]["prompts"] == 3 and len(r["quality"]["answers"]) == 3
     # 4-bit weights are smaller. The reference is measured too: a second pass over its own record
     # (stored in fp16, so the KL is small but not zero).
