@@ -275,6 +275,14 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"model_dir": str(target), "method": method, "type": recipe.quantization.weights}
     from deploy.builder.quantize import awq_quantize, hqq_quantize
 
+    if method == "awq":  # refused before calibration, not when the server starts
+        from deploy.engines import pick_backend
+        from deploy.engines.lmdeploy_engine import turbomind_group_refusal
+
+        quant = recipe.quantization
+        if refusal := turbomind_group_refusal(pick_backend(recipe.engine.backend), quant.weights,
+                                              quant.group_size):
+            raise refusal
     (awq_quantize if method == "awq" else hqq_quantize)(recipe, source, target)
     return {"model_dir": str(target), "method": method}
 

@@ -34,6 +34,7 @@ class EngineConfig:
     cache_max_entry_count: float | None = None  # LMDeploy: share of free memory for the KV cache
     kv_cache_gib: float | None = None  # or an absolute KV budget
     weights: str = "none"  # none, w4a16, fp8, q4_1 or q8_0: the weight format the folder must hold
+    group_size: int = 128  # w4a16's quantization group
     kv_cache: str = "none"  # none, int8 or int4
     chat_template: str | None = None  # Jinja text overriding the tokenizer's own
     trust_remote_code: bool = False
@@ -51,6 +52,7 @@ def engine_config(recipe: Recipe, backend: str | None = None) -> EngineConfig:
         cache_max_entry_count=engine.cache_max_entry_count,
         kv_cache_gib=engine.kv_cache_gib,
         weights=quant.weights,
+        group_size=quant.group_size,
         kv_cache=quant.kv_cache,
         chat_template=chat_template_text(recipe),
         trust_remote_code=recipe.model.trust_remote_code,

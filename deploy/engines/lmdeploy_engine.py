@@ -43,6 +43,21 @@ BLOCK_TOKENS = 64  # LMDeploy's default KV block: PyTorch `block_size`, TurboMin
 DEFAULT_CACHE_RATIO = 0.8  # LMDeploy's own default
 
 
+# LMDeploy 0.18's TurboMind reads AWQ weights of group size 128 only
+# (turbomind/converter.py, _validate_quant_group_size; a group-64 folder failed its start with
+# "Unsupported group_size=64", H200, docs/data/gpu-2026-12-03-decode-profile-tuned/).
+TURBOMIND_AWQ_GROUPS = (128,)
+
+
+def turbomind_group_refusal(backend: str, weights: str, group_size: int) -> RecipeError | None:
+    """The error for AWQ weights TurboMind cannot read, before hours of calibration or a failed start."""
+    if backend != "lmdeploy-turbomind" or weights != "w4a16" or group_size in TURBOMIND_AWQ_GROUPS:
+        return None
+    return RecipeError(f"quantization.group_size {group_size}: TurboMind reads W4A16 (AWQ) weights of "
+                       f"group size {', '.join(map(str, TURBOMIND_AWQ_GROUPS))} only. Set "
+                       "quantization.group_size: 128, or engine.backend: lmdeploy-pytorch.")
+
+
 TM_RESERVED_BYTES = 2**30  # what TurboMind takes besides weights before it sizes its cache (rounded up)
 
 
@@ -61,6 +76,8 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         # executable data type for this device" (H200, docs/data/gpu-2026-12-03-fp8/).
         raise RecipeError("quantization.weights 'fp8' runs with bfloat16 activations on "
                           "TurboMind: set engine.dtype: auto or bfloat16.")
+    if refusal := turbomind_group_refusal(config.backend, config.weights, config.group_size):
+        raise refusal
     from deploy.engines.fp8_format import packed_qkv_misfit
 
     if config.weights == "fp8" and config.backend == "lmdeploy-turbomind" \

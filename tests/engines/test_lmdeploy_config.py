@@ -89,6 +89,26 @@ def test_fp8_on_turbomind_needs_bfloat16_and_whole_heads_in_a_packed_wqkv():
                                 "lmdeploy-turbomind", {**LLAMA2, "num_attention_heads": 64})
 
 
+def test_awq_groups_turbomind_cannot_read_are_refused_before_calibration(tmp_path):
+    """TurboMind (LMDeploy 0.18) reads AWQ group 128 only; group 64 failed its start on the H200."""
+    from deploy.builder.pipeline import _quantize
+
+    g64 = {"weights": "w4a16", "group_size": 64}
+    assert engine_config_kwargs(recipe(quantization={"weights": "w4a16"}), "lmdeploy-turbomind",
+                                LLAMA2)["model_format"] == "awq"
+    with pytest.raises(RecipeError, match="quantization.group_size 64: TurboMind reads"):
+        engine_config_kwargs(recipe(quantization=g64), "lmdeploy-turbomind", LLAMA2)
+    assert engine_config_kwargs(recipe(quantization=g64), "lmdeploy-pytorch", LLAMA2)["block_size"]
+    # The build refuses before AWQ calibration (minutes on a GPU) starts, not when serving fails.
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    outputs = {"merge": {}, "fetch": {"model_dir": str(source)}}
+    with pytest.raises(RecipeError, match="engine.backend: lmdeploy-pytorch"):
+        _quantize(recipe(quantization=g64, engine={"backend": "lmdeploy-turbomind"}), tmp_path, outputs)
+    assert not (tmp_path / "quantized-awq").exists()
+
+
 def test_absolute_kv_budget_becomes_blocks():
     r = recipe(engine={"kv_cache_gib": 4})
     # 4 GiB / (64 tokens x 128 KiB) = 512 blocks for InternLM2 in fp16.
