@@ -41,7 +41,7 @@ def model_dir(recipe: Recipe) -> Path:
         return bundled_model_dir(recipe.model.bundled_name,
                                  weights=recipe.engine.backend != "llamacpp")
     if source == "local":
-        return check_model_dir(recipe.resolve(recipe.model.path))
+        return check_model_dir(recipe.resolve(recipe.model.path), gguf=recipe.engine.backend == "llamacpp")
     if source == "huggingface":
         return _from_huggingface(recipe)
     return _from_openxlab(recipe)
@@ -109,15 +109,19 @@ def _stored_config(model_id: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_model_dir(path: Path) -> Path:
+def check_model_dir(path: Path, gguf: bool = False) -> Path:
+    """`path` if it holds a config, a tokenizer and weights; `gguf`: a .gguf file counts as the
+    weights (what the llama.cpp engine reads, e.g. an OpenXLab app bundle's model folder)."""
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         missing.append("a tokenizer (tokenizer.json or tokenizer.model)")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) \
-            and not (path / HQQ_MARKER).is_file():  # the builder's HQQ 4-bit weights
-        missing.append("weights (*.safetensors, *.bin or HQQ's qmodel.pt)")
+            and not (path / HQQ_MARKER).is_file() \
+            and not (gguf and any(path.glob("*.gguf"))):  # the builder's HQQ 4-bit weights, a GGUF
+        kinds = "*.safetensors, *.bin or HQQ's qmodel.pt" + (", or a *.gguf" if gguf else "")
+        missing.append(f"weights ({kinds})")
     if missing:
         raise ModelSourceError(
             f"{path} is not a complete model folder: it lacks {', '.join(missing)}. "
@@ -271,4 +275,4 @@ def _from_openxlab(recipe: Recipe) -> Path:
     target = home.openxlab_model_dir(recipe.model.id)
     if not (target / "config.json").is_file():
         download(model_repo=recipe.model.id, output=str(target))
-    return check_model_dir(target)
+    return check_model_dir(target, gguf=recipe.engine.backend == "llamacpp")

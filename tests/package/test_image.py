@@ -133,3 +133,30 @@ def test_compose_for_the_cpu_image_uses_nginx_and_no_model_dir_for_the_bundled_m
     assert services["api-1"]["environment"] == ["XLAB_DEPLOY_PORT=7860", "MY_API_KEY"]
     assert services["api-1"]["stop_grace_period"] == "40s"
     assert "server api-2:7860" in files["nginx.conf"] and "proxy_buffering off" in files["nginx.conf"]
+
+
+def test_app_requirements_keep_torch_only_for_the_transformers_engine():
+    """The OpenXLab app installs what its engine needs: llama.cpp none of torch's stack,
+    transformers torch's CPU build from PyTorch's index."""
+    from deploy.package.app_bundle import app_requirements
+
+    llama = app_requirements(parse_recipe({"engine": {"backend": "llamacpp"}}), "cpu")
+    assert "torch" not in llama and "transformers==" not in llama and "--extra-index-url" not in llama
+    assert "llama-cpp-python==" in llama and "tokenizers==" in llama
+    tf = app_requirements(parse_recipe({"engine": {"backend": "transformers"}}), "cpu").splitlines()
+    assert tf[0].startswith("--extra-index-url") and any(x.startswith("torch==") for x in tf)
+    assert any(x.startswith("transformers==") for x in tf)
+
+
+def test_a_gguf_is_the_weights_of_a_local_llamacpp_model_folder(tmp_path):
+    from deploy.builder.sources import ModelSourceError, model_dir
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "m.F16.gguf").write_bytes(b"GGUF")
+    local = {"model": {"source": "local", "path": str(folder)}}
+    assert model_dir(parse_recipe({**local, "engine": {"backend": "llamacpp"}})) == folder
+    with pytest.raises(ModelSourceError, match=r"lacks weights \(\*\.safetensors"):
+        model_dir(parse_recipe({**local, "engine": {"backend": "transformers"}}))
