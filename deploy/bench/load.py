@@ -8,9 +8,9 @@ serving benchmarks measure it:
 
 `serving_rows_apart` runs the client in a child process (`python -m deploy.bench.load`, a JSON spec
 on stdin, the rows on stdout), so that it never shares an interpreter with the server it measures.
-Measured on the lent H200 (InternLM2-7B shapes, TurboMind fp16, 64 concurrent streams, random
-weights): the kit's server measured by a client in its own process, 7,604 output tok/s; the same
-server measured by a client on the server's interpreter, 5,100 (docs/benchmarks.md).
+Measured on the lent H200 in one call (InternLM2-7B shapes, TurboMind fp16, 64 concurrent streams,
+random weights, 3 runs each): the benchmark read 4,850 (4,297-5,201) output tok/s with the client on
+the serving interpreter and 5,871 (5,564-6,023) with it apart (docs/data/gpu-2026-12-03-bench-client/).
 """
 
 from __future__ import annotations
