@@ -245,8 +245,17 @@ def _quant_backend(recipe: Recipe) -> str | None:
     if recipe.quantization.weights == "fp8":
         return "fp8"  # the kit's own converter, for any engine (builder/fp8.py says why)
     from deploy.engines import pick_backend
+    from deploy.engines.lmdeploy_engine import turbomind_group_refusal
 
-    return "awq" if pick_backend(recipe.engine.backend).startswith("lmdeploy") else "hqq"
+    backend = pick_backend(recipe.engine.backend)
+    if not backend.startswith("lmdeploy"):
+        return "hqq"
+    # Refused where the backend is resolved: before calibration (minutes on a GPU), not when the
+    # server starts.
+    quant = recipe.quantization
+    if refusal := turbomind_group_refusal(backend, quant.weights, quant.group_size):
+        raise refusal
+    return "awq"
 
 
 def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
@@ -275,14 +284,6 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         return {"model_dir": str(target), "method": method, "type": recipe.quantization.weights}
     from deploy.builder.quantize import awq_quantize, hqq_quantize
 
-    if method == "awq":  # refused before calibration, not when the server starts
-        from deploy.engines import pick_backend
-        from deploy.engines.lmdeploy_engine import turbomind_group_refusal
-
-        quant = recipe.quantization
-        if refusal := turbomind_group_refusal(pick_backend(recipe.engine.backend), quant.weights,
-                                              quant.group_size):
-            raise refusal
     (awq_quantize if method == "awq" else hqq_quantize)(recipe, source, target)
     return {"model_dir": str(target), "method": method}
 
