@@ -1,7 +1,9 @@
-"""Batch-1 decode on Hopper per weight format, in LMDeploy's own pipeline (TurboMind): tok/s and a
+"""Batch-1 decode on Hopper per weight format, in LMDeploy's own pipeline (TurboMind, or the
+PyTorch engine for the pt- settings): tok/s and a
 kernel profile, to find what holds FP8 at 1.14x fp16 and W4A16 under fp16 (issue #33, items 1-2).
 
-Usage (GPU machine, TurboMind staged; `bash tools/device_run.sh decodeprofile` does this):
+Usage (GPU machine, TurboMind staged for the settings without pt-; `bash tools/device_run.sh
+decodeprofile` does this):
   python -m benchmarks.gpu_decode_profile --model DIR --out OUT [--settings a,b] [--deadline S]
 
 The fp16 folder DIR is copied into the other formats once: FP8 by the kit's own converter
@@ -42,17 +44,28 @@ PROMPT = "Write a long essay about the history of the printing press and its eff
 TUNED = {"TM_GEMM_TUNE": "max_splits=16,max_waves=32,swizzle=(0,1,2,3,4),clusters=0,min_iter=2,"
                          "max_iter=10,max_time=0.5,seq=[1-2-1,8-16-8,64]",
          "TM_LOG_LEVEL": "INFO"}
-# name: (folder, engine dtype, extra TurbomindEngineConfig fields, extra environment)
+# name: (folder, engine dtype, extra engine-config fields, extra environment, engine)
 # In the order they run: the tuned ones last, as TurboMind's GEMM tuning lengthens the warm-up.
+# The "pt-" ones run LMDeploy's PyTorch engine (decode in CUDA graphs), which needs no TurboMind
+# libraries: its blocked-FP8 linear picks DeepGEMM, then a Gluon kernel on Hopper, then plain
+# Triton (lmdeploy/pytorch/backends/cuda/blockedf8_modules.py, LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND);
+# its AWQ linear uses TurboMind's kernel when TurboMind loads, Triton otherwise.
+TRITON_FP8 = {"LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND": "triton"}
 SETTINGS = {
-    "fp16": ("fp16", "float16", {}, {}),
-    "fp8": ("fp8", "bfloat16", {}, {}),
-    "awq-g128": ("awq-g128", "float16", {}, {}),
-    "fp8-gemm-fp8": ("fp8", "bfloat16", {"gemm_input_dtype": "float8_e4m3"}, {}),
-    "bf16": ("fp16", "bfloat16", {}, {}),
-    "awq-g64": ("awq-g64", "float16", {}, {}),
-    "fp8-tuned": ("fp8", "bfloat16", {}, TUNED),
-    "awq-g128-tuned": ("awq-g128", "float16", {}, TUNED),
+    "fp16": ("fp16", "float16", {}, {}, "turbomind"),
+    "fp8": ("fp8", "bfloat16", {}, {}, "turbomind"),
+    "awq-g128": ("awq-g128", "float16", {}, {}, "turbomind"),
+    "fp8-gemm-fp8": ("fp8", "bfloat16", {"gemm_input_dtype": "float8_e4m3"}, {}, "turbomind"),
+    "bf16": ("fp16", "bfloat16", {}, {}, "turbomind"),
+    "awq-g64": ("awq-g64", "float16", {}, {}, "turbomind"),
+    "fp8-tuned": ("fp8", "bfloat16", {}, TUNED, "turbomind"),
+    "awq-g128-tuned": ("awq-g128", "float16", {}, TUNED, "turbomind"),
+    "pt-fp16": ("fp16", "float16", {}, {}, "pytorch"),
+    "pt-bf16": ("fp16", "bfloat16", {}, {}, "pytorch"),
+    "pt-fp8": ("fp8", "bfloat16", {}, {}, "pytorch"),
+    "pt-fp8-triton": ("fp8", "bfloat16", {}, TRITON_FP8, "pytorch"),
+    "pt-fp8-f16": ("fp8", "float16", {}, {}, "pytorch"),
+    "pt-awq-g128": ("awq-g128", "float16", {}, {}, "pytorch"),
 }
 SETTING_LIMIT_S = 240  # one setting's process: start, warm-up, 3 answers, the profiled one
 HBM_BYTES_PER_S = 4.8e12  # the H200's memory bandwidth (NVIDIA's data sheet)
@@ -200,18 +213,39 @@ def answer(pipe, tokens: int) -> dict:
             "decode_tok_s": round((tokens - 1) / (ended - first), 1)}
 
 
+def engine_config(name: str):
+    """The setting's engine config: TurbomindEngineConfig or PytorchEngineConfig, same sizes."""
+    from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
+
+    _, dtype, extra, _, engine = SETTINGS[name]
+    kind = PytorchEngineConfig if engine == "pytorch" else TurbomindEngineConfig
+    return kind(dtype=dtype, session_len=4096, max_batch_size=64, cache_max_entry_count=0.2, **extra)
+
+
+def fp8_providers() -> dict:
+    """Which blocked-FP8 GEMMs the PyTorch engine can pick here (its choice is logged at debug
+    level only); the profile's kernel names then show the one it ran."""
+    requested = os.environ.get("LMDEPLOY_BLOCKED_FP8_GEMM_BACKEND", "auto")
+    try:  # private helpers of LMDeploy 0.18: a missing one must not lose the measurement
+        from lmdeploy.pytorch.backends.cuda import blockedf8_modules as f8
+
+        return {"deep_gemm": f8._has_deep_gemm(), "gluon": f8._has_gluon(), "requested": requested}
+    except Exception as exc:
+        return {"requested": requested, "error": repr(exc)}
+
+
 def one(name: str, folder: Path, out: Path) -> dict:
     import torch
-    from lmdeploy import TurbomindEngineConfig, pipeline
+    from lmdeploy import pipeline
 
-    _, dtype, extra, _ = SETTINGS[name]
-    config = TurbomindEngineConfig(dtype=dtype, session_len=4096, max_batch_size=64,
-                                   cache_max_entry_count=0.2, **extra)
+    _, dtype, extra, _, engine = SETTINGS[name]
     started = time.perf_counter()
-    pipe = pipeline(str(folder), backend_config=config)
-    result = {"setting": name, "folder": str(folder), "dtype": dtype, "engine_extra": extra,
-              "env": {k: os.environ.get(k) for k in SETTINGS[name][3]},
+    pipe = pipeline(str(folder), backend_config=engine_config(name))
+    result = {"setting": name, "engine": engine, "folder": str(folder), "dtype": dtype,
+              "engine_extra": extra, "env": {k: os.environ.get(k) for k in SETTINGS[name][3]},
               "start_s": round(time.perf_counter() - started, 1)}
+    if engine == "pytorch":
+        result["fp8_providers"] = fp8_providers()
     free, total = torch.cuda.mem_get_info()
     result["gpu_used_gib"] = round((total - free) / 2**30, 2)
     result["warmup"] = answer(pipe, 32)
@@ -278,8 +312,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
     made = prepare(args.model, args.model.parent, {SETTINGS[n][0] for n in names})
-    report = {"what": "LMDeploy 0.18 pipeline, TurboMind, batch 1, greedy, 128-token answers x3 "
-                      "and one 64-token answer profiled; RANDOM weights (Llama-2-7B shapes)",
+    report = {"what": "LMDeploy 0.18 pipeline, TurboMind or the PyTorch engine (pt-), batch 1, "
+                      "greedy, 128-token answers x3 and one 64-token answer profiled; RANDOM "
+                      "weights (Llama-2-7B shapes)",
               "prepared": made, "results": run_settings(names, made["paths"], args.out, deadline)}
     try:
         import torch

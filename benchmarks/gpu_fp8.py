@@ -1,8 +1,9 @@
 """FP8 weights on Hopper through the kit: built by the kit, gated, served, against fp16, same call.
 
-Usage (on the GPU machine, TurboMind staged; tools/device_run.sh fp8 does this):
+Usage (on the GPU machine, TurboMind staged unless --engine pytorch; tools/device_run.sh fp8 does
+this):
   python -m benchmarks.gpu_fp8 --model DIR --out OUT [--repeats 3] [--settings fp16,fp8,fp8-kv8]
-      [--reference]
+      [--reference] [--engine turbomind|pytorch]
 
 1. `python -m deploy build` of an fp8 recipe over DIR (local source, TurboMind): the kit writes the
    blocked-FP8 checkpoint and its quality gate compares it with fp16 on TurboMind. Exit code, time
@@ -37,13 +38,14 @@ from deploy.serve.ports import free_port
 SETTINGS = {"fp16": ("none", "none"), "fp8": ("fp8", "none"), "fp8-kv8": ("fp8", "int8")}
 
 
-def write_recipe(out: Path, name: str, model: Path, weights: str, kv: str) -> Path:
+def write_recipe(out: Path, name: str, model: Path, weights: str, kv: str,
+                 engine: str = "turbomind") -> Path:
     data = {"name": f"gpu-{name}", "model": {"source": "local", "path": str(model)},
             "quantization": {"weights": weights, "kv_cache": kv,
                              "verify": {"prompts": 6, "answer_tokens": 24}},
             # fp16 weights compute in float16; FP8 ones in bfloat16, the only activations
-            # TurboMind's FP8 GEMMs take.
-            "engine": {"backend": "lmdeploy-turbomind",
+            # TurboMind's FP8 GEMMs take (and the PyTorch engine's Gluon and DeepGEMM ones).
+            "engine": {"backend": f"lmdeploy-{engine}",
                        "dtype": "bfloat16" if weights == "fp8" else "float16", "session_len": 4096,
                        "max_batch_size": 64, "cache_max_entry_count": 0.2},
             "serve": {"mode": "api", "host": "127.0.0.1"}}
@@ -113,11 +115,14 @@ def serve_kit(recipe: Path, out: Path, repeats: int, force: bool) -> dict:
         proc.wait(timeout=120)
 
 
-def serve_lmdeploy(folder: Path, fmt: str, out: Path, repeats: int) -> dict:
+def serve_lmdeploy(folder: Path, fmt: str, out: Path, repeats: int, engine: str) -> dict:
     port = free_port()
     with (out / f"api-server-{fmt}.log").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lmdeploy", "serve", "api_server", str(folder),
-                                 "--backend", "turbomind", "--model-format", fmt,
+                                 "--backend", engine,
+                                 # The PyTorch engine reads FP8 from the folder's quantization_config;
+                                 # its --model-format takes only fp8, to quantize fp16 weights itself.
+                                 *(["--model-format", fmt] if engine == "turbomind" else []),
                                  "--cache-max-entry-count", "0.2", "--session-len", "4096",
                                  "--max-batch-size", "64", "--server-port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -125,7 +130,8 @@ def serve_lmdeploy(folder: Path, fmt: str, out: Path, repeats: int) -> dict:
     try:
         wait_ready(url, proc, "/v1/models")
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        return {"server": "lmdeploy api_server", "model_format": fmt, "c1": c1(url + "/v1", name, repeats)}
+        return {"server": "lmdeploy api_server", "engine": engine, "model_format": fmt,
+                "c1": c1(url + "/v1", name, repeats)}
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
@@ -138,18 +144,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default="fp16,fp8,fp8-kv8")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--engine", choices=("turbomind", "pytorch"), default="turbomind",
+                        help="LMDeploy's engine for every setting (and the api_server reference)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": str(args.model),
-                    "weights": "random", "servers": []}
-    fp8_recipe = write_recipe(args.out, "fp8", args.model, "fp8", "none")
+                    "weights": "random", "engine": args.engine, "servers": []}
+    fp8_recipe = write_recipe(args.out, "fp8", args.model, "fp8", "none", args.engine)
     result["build"] = build_fp8(fp8_recipe, args.out)
     print("build:", {k: v for k, v in result["build"].items() if k != "verify"}, flush=True)
     fp8_dir, refused = Path(result["build"]["folder"]), result["build"]["exit_code"] != 0
     for name in args.settings.split(","):
         weights, kv = SETTINGS[name]
         recipe = fp8_recipe if name == "fp8" else write_recipe(
-            args.out, name, fp8_dir if weights == "fp8" else args.model, weights, kv)
+            args.out, name, fp8_dir if weights == "fp8" else args.model, weights, kv, args.engine)
         try:
             result["servers"].append(serve_kit(recipe, args.out, args.repeats, refused and name == "fp8"))
         except RuntimeError as exc:  # recorded; the other settings still run
@@ -160,7 +168,7 @@ def main() -> None:
         (args.out / "fp8.json").write_text(json.dumps(result, indent=1))
     if args.reference:
         for folder, fmt in ((args.model, "hf"), (fp8_dir, "fp8")):
-            result["servers"].append(serve_lmdeploy(folder, fmt, args.out, args.repeats))
+            result["servers"].append(serve_lmdeploy(folder, fmt, args.out, args.repeats, args.engine))
             print("api_server", fmt, [round(r["output_tok_per_s"], 1) for r in result["servers"][-1]["c1"]],
                   flush=True)
             (args.out / "fp8.json").write_text(json.dumps(result, indent=1))

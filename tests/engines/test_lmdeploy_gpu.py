@@ -191,6 +191,30 @@ def test_the_gate_gets_whole_answers_from_the_pytorch_engine(gpu_recipe):
     assert sum(a.completion_tokens for a in alone) > 2 * len(tasks)  # not all cut short
 
 
+def test_the_pytorch_engine_serves_the_kits_fp8_weights(gpu_recipe, tmp_path):
+    """quantization.weights: fp8 on LMDeploy's PyTorch engine: the kit's blocked-FP8 folder (the
+    layout TurboMind reads) loads through its quantization_config, answers, and /memory counts
+    FP8 weight bytes, about half the fp16 ones."""
+    from pathlib import Path
+
+    from deploy.builder.fp8 import fp8_quantize
+    from deploy.serve.assistant import Assistant
+
+    source = Path(os.environ["XLAB_GPU_TEST_MODEL"])
+    fp8_dir = fp8_quantize(source, tmp_path / "fp8", device="cuda")
+    recipe = gpu_recipe.model_copy(deep=True)
+    recipe.model.path = str(fp8_dir)
+    recipe.quantization.weights = "fp8"
+    recipe.quantization.kv_cache = "none"
+    recipe.engine.dtype = "bfloat16"
+    with Assistant.from_recipe(recipe) as assistant:
+        answer = assistant.chat("Hello", max_tokens=8)
+        memory = assistant.engine.memory()
+    fp16_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    assert answer
+    assert memory.weight_bytes is not None and memory.weight_bytes < 0.75 * fp16_bytes, memory
+
+
 @pytest.mark.parametrize("backend", ["lmdeploy-pytorch", "lmdeploy-turbomind"])
 def test_lmdeploy_log_probabilities_over_http(gpu_recipe, backend):
     """logprobs and top_logprobs through the openai client: one entry per generated token, the
