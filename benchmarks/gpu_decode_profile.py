@@ -66,6 +66,10 @@ SETTINGS = {
     "pt-fp8-triton": ("fp8", "bfloat16", {}, TRITON_FP8, "pytorch"),
     "pt-fp8-f16": ("fp8", "float16", {}, {}, "pytorch"),
     "pt-awq-g128": ("awq-g128", "float16", {}, {}, "pytorch"),
+    # The engine in a process of its own, as LMDeploy's api_server and the kit's server run it (the
+    # profiler then sees no kernels: they run in the other process).
+    "pt-fp16-mp": ("fp16", "float16", {"enable_mp_engine": True}, {}, "pytorch"),
+    "pt-fp8-mp": ("fp8", "bfloat16", {"enable_mp_engine": True}, {}, "pytorch"),
 }
 SETTING_LIMIT_S = 240  # one setting's process: start, warm-up, 3 answers, the profiled one
 HBM_BYTES_PER_S = 4.8e12  # the H200's memory bandwidth (NVIDIA's data sheet)

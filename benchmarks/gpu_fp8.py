@@ -35,11 +35,15 @@ from benchmarks.gpu_overhead import PROMPT, wait_ready
 from deploy.bench.load import run_load
 from deploy.serve.ports import free_port
 
-SETTINGS = {"fp16": ("none", "none"), "fp8": ("fp8", "none"), "fp8-kv8": ("fp8", "int8")}
+# name: (weights, kv cache, engine.own_process). The -inline ones keep LMDeploy's PyTorch engine in
+# the server's process (TurboMind always runs there).
+SETTINGS = {"fp16": ("none", "none", True), "fp8": ("fp8", "none", True),
+            "fp8-kv8": ("fp8", "int8", True), "fp16-inline": ("none", "none", False),
+            "fp8-inline": ("fp8", "none", False)}
 
 
 def write_recipe(out: Path, name: str, model: Path, weights: str, kv: str,
-                 engine: str = "turbomind") -> Path:
+                 engine: str = "turbomind", own_process: bool = True) -> Path:
     data = {"name": f"gpu-{name}", "model": {"source": "local", "path": str(model)},
             "quantization": {"weights": weights, "kv_cache": kv,
                              "verify": {"prompts": 6, "answer_tokens": 24}},
@@ -47,7 +51,8 @@ def write_recipe(out: Path, name: str, model: Path, weights: str, kv: str,
             # TurboMind's FP8 GEMMs take (and the PyTorch engine's Gluon and DeepGEMM ones).
             "engine": {"backend": f"lmdeploy-{engine}",
                        "dtype": "bfloat16" if weights == "fp8" else "float16", "session_len": 4096,
-                       "max_batch_size": 64, "cache_max_entry_count": 0.2},
+                       "max_batch_size": 64, "cache_max_entry_count": 0.2,
+                       "own_process": own_process},
             "serve": {"mode": "api", "host": "127.0.0.1"}}
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -79,6 +84,13 @@ def c1(url: str, model: str, repeats: int) -> list[dict]:
             for r in range(repeats)]
 
 
+def c64(url: str, model: str, repeats: int) -> list[dict]:
+    """Concurrency 64 (128 requests of 128 tokens a round), after a warm-up wave."""
+    asyncio.run(run_load(url, model, [PROMPT], 64, 64, 8))
+    return [{"round": r + 1, **asyncio.run(run_load(url, model, [PROMPT], 64, 128, 128)).as_dict()}
+            for r in range(repeats)]
+
+
 def wait_loaded(url: str, proc: subprocess.Popen) -> None:
     """Until /health/ready answers 200; an error as soon as /health says the load failed."""
     while proc.poll() is None:
@@ -94,7 +106,7 @@ def wait_loaded(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"the server exited with {proc.returncode}")
 
 
-def serve_kit(recipe: Path, out: Path, repeats: int, force: bool) -> dict:
+def serve_kit(recipe: Path, out: Path, repeats: int, force: bool, high: bool = False) -> dict:
     port, name = free_port(), yaml.safe_load(recipe.read_text())["name"]
     plan = subprocess.run([sys.executable, "-m", "deploy", "plan", str(recipe), "--json"],
                           capture_output=True, text=True)
@@ -107,8 +119,11 @@ def serve_kit(recipe: Path, out: Path, repeats: int, force: bool) -> dict:
     try:
         wait_loaded(url, proc)
         ready = time.perf_counter() - started
-        return {"server": "xlab-deploy", "recipe": name, "ready_s": ready,
-                "c1": c1(url + "/v1", name, repeats), "memory": httpx.get(url + "/memory").json(),
+        row = {"server": "xlab-deploy", "recipe": name, "ready_s": ready,
+               "c1": c1(url + "/v1", name, repeats)}
+        if high:
+            row["c64"] = c64(url + "/v1", name, repeats)
+        return {**row, "memory": httpx.get(url + "/memory").json(),
                 "plan": json.loads(plan.stdout) if plan.returncode == 0 else plan.stderr[-2000:]}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -146,25 +161,35 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--engine", choices=("turbomind", "pytorch"), default="turbomind",
                         help="LMDeploy's engine for every setting (and the api_server reference)")
+    parser.add_argument("--prebuilt", type=Path,
+                        help="an FP8 folder the kit wrote before: served as published, no build")
+    parser.add_argument("--c64", action="store_true",
+                        help="the kit's servers also at concurrency 64")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": str(args.model),
                     "weights": "random", "engine": args.engine, "servers": []}
     fp8_recipe = write_recipe(args.out, "fp8", args.model, "fp8", "none", args.engine)
-    result["build"] = build_fp8(fp8_recipe, args.out)
-    print("build:", {k: v for k, v in result["build"].items() if k != "verify"}, flush=True)
-    fp8_dir, refused = Path(result["build"]["folder"]), result["build"]["exit_code"] != 0
+    if args.prebuilt:
+        fp8_dir, refused, fp8_recipe = args.prebuilt, False, None
+    else:
+        result["build"] = build_fp8(fp8_recipe, args.out)
+        print("build:", {k: v for k, v in result["build"].items() if k != "verify"}, flush=True)
+        fp8_dir, refused = Path(result["build"]["folder"]), result["build"]["exit_code"] != 0
     for name in args.settings.split(","):
-        weights, kv = SETTINGS[name]
-        recipe = fp8_recipe if name == "fp8" else write_recipe(
-            args.out, name, fp8_dir if weights == "fp8" else args.model, weights, kv, args.engine)
+        weights, kv, own = SETTINGS[name]
+        recipe = fp8_recipe if name == "fp8" and fp8_recipe else write_recipe(
+            args.out, name, fp8_dir if weights == "fp8" else args.model, weights, kv, args.engine, own)
         try:
-            result["servers"].append(serve_kit(recipe, args.out, args.repeats, refused and name == "fp8"))
+            result["servers"].append(serve_kit(recipe, args.out, args.repeats,
+                                               refused and name == "fp8", args.c64))
         except RuntimeError as exc:  # recorded; the other settings still run
             result["servers"].append({"server": "xlab-deploy", "recipe": name, "error": str(exc)})
             print(name, "failed:", exc, flush=True)
             continue
-        print(name, [round(r["output_tok_per_s"], 1) for r in result["servers"][-1]["c1"]], flush=True)
+        for level in ("c1", "c64"):
+            rows = result["servers"][-1].get(level, [])
+            print(name, level, [round(r["output_tok_per_s"], 1) for r in rows], flush=True)
         (args.out / "fp8.json").write_text(json.dumps(result, indent=1))
     if args.reference:
         for folder, fmt in ((args.model, "hf"), (fp8_dir, "fp8")):

@@ -116,8 +116,10 @@ def check_gate(recipe: Recipe, *, force: bool = False) -> None:
         return
     steps = read_manifest(recipe)["steps"]
     quantize = steps.get("quantize")
-    if not quantize or quantize["outputs"].get("method") not in ("awq", "hqq"):
-        return  # not built yet (built_model_dir says so), or published already quantized
+    # Every method the builder quantizes with (awq, hqq, fp8, gguf) is gated; only a recipe not
+    # built yet (built_model_dir says so) or weights published already quantized pass here.
+    if not quantize or quantize["outputs"].get("method") in (None, "prequantized"):
+        return
     folder = quantize["outputs"]["model_dir"]
     if not recipe.quantization.verify.enabled:
         log.warning("serving %s unchecked: quantization.verify.enabled is false in the recipe", folder)
@@ -138,8 +140,10 @@ def check_gate(recipe: Recipe, *, force: bool = False) -> None:
         problem = (f"failed the quality gate (top-1 agreement {out['top1_agreement']:.3f}, at least "
                    f"{gate.min_top1_agreement} needed; mean KL {out['mean_kl']:.4f}, at most "
                    f"{gate.max_mean_kl} allowed; report: {out['report']})")
-        fix = ("Try a smaller quantization.group_size and build again, or relax "
-               "quantization.verify if the answers in the report look right")
+        retry = ("a smaller quantization.group_size" if quantize["outputs"]["method"] in ("awq", "hqq")
+                 else "another quantization.weights format")
+        fix = (f"Try {retry} and build again, or relax quantization.verify if the answers in the "
+               "report look right")
     else:
         return
     if force:

@@ -31,6 +31,7 @@ class EngineConfig:
     session_len: int = 4096
     max_batch_size: int = 8
     tp: int = 1
+    own_process: bool = True  # LMDeploy's PyTorch engine in a process of its own
     cache_max_entry_count: float | None = None  # LMDeploy: share of free memory for the KV cache
     kv_cache_gib: float | None = None  # or an absolute KV budget
     weights: str = "none"  # none, w4a16, fp8, q4_1 or q8_0: the weight format the folder must hold
@@ -49,6 +50,7 @@ def engine_config(recipe: Recipe, backend: str | None = None) -> EngineConfig:
         session_len=engine.session_len,
         max_batch_size=engine.max_batch_size,
         tp=engine.tp,
+        own_process=engine.own_process,
         cache_max_entry_count=engine.cache_max_entry_count,
         kv_cache_gib=engine.kv_cache_gib,
         weights=quant.weights,

@@ -101,10 +101,12 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         # Log probabilities as the model gives them, before penalties and temperature (the
         # engine computes none unless a request asks; without a mode it returns none at all).
         kwargs["logprobs_mode"] = "raw_logprobs"
-        # Run the engine in its own process, as `lmdeploy serve api_server` does: in the server's
-        # process its scheduling loop competes with 64 streams for one event loop (measured on
-        # the H100: 35% less output at concurrency 64, docs/benchmarks.md).
-        kwargs["enable_mp_engine"] = True
+        # By default the engine runs in its own process, as `lmdeploy serve api_server` runs it:
+        # in the server's process its scheduling loop competes with 64 streams for one event loop
+        # (measured on the H100: 35% less output at concurrency 64, docs/benchmarks.md). In the
+        # server's process (engine.own_process: false) it skips a hop per token, which single
+        # streams feel (docs/lmdeploy.md).
+        kwargs["enable_mp_engine"] = engine.own_process
         if engine.tp > 1:
             kwargs["distributed_executor_backend"] = tp_executor()
     if engine.kv_cache_gib is not None:
@@ -229,7 +231,9 @@ class LMDeployEngine(Engine):
             kwargs = engine_config_kwargs(config, self.model_config)
             checked = _env_check_marker(self.model_config, kwargs)
             _skip_env_check(checked.exists())
-            if config.tp == 1:  # tp workers start from the engine process; not tried early
+            # tp workers start from the engine process (not tried early); without a process of
+            # its own there is nothing to start early.
+            if config.tp == 1 and config.own_process:
                 early = engine_process.start(served, kwargs, trust)
         try:
             self._start(config, served, early, turbomind, kwargs)

@@ -146,6 +146,12 @@ class Engine(_Section):
         None, gt=0, description="Absolute KV-cache size in GiB; the alternative to the ratio."
     )
     tp: int = Field(1, ge=1, description="Tensor-parallel GPUs.")
+    own_process: bool = Field(
+        True,
+        description="LMDeploy's PyTorch engine in a process of its own, as `lmdeploy serve "
+        "api_server` runs it: more output with many streams. false runs it in the server's "
+        "process: faster single streams (docs/lmdeploy.md). TurboMind ignores it.",
+    )
 
     @model_validator(mode="after")
     def _one_cache_setting(self) -> Engine:

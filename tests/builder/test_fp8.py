@@ -44,6 +44,7 @@ def _recipe(tmp_path: Path, **verify) -> Path:
 
 @pytest.mark.slow
 def test_fp8_build_writes_turbominds_layout_and_gates_both_ways(tmp_path, monkeypatch):
+    from deploy.builder.manifest import GateRefusal, check_gate
     from deploy.builder.pipeline import QualityGateError, build
     from deploy.recipe import load_recipe
 
@@ -71,6 +72,9 @@ def test_fp8_build_writes_turbominds_layout_and_gates_both_ways(tmp_path, monkey
     with pytest.raises(QualityGateError) as refused:
         build(load_recipe(_recipe(tmp_path, min_top1_agreement=0.99)))
     assert refused.value.exit_code == 4 and "top-1 agreement" in str(refused.value)
+    # ... and the server refuses the refused weights (before, only AWQ and HQQ builds were checked).
+    with pytest.raises(GateRefusal, match="failed the quality gate"):
+        check_gate(load_recipe(_recipe(tmp_path, min_top1_agreement=0.99)))
 
 
 def test_internlm2s_packed_linears_are_written_as_fp8_and_read_back(tiny_internlm2, tmp_path):

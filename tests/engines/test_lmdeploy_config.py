@@ -47,6 +47,8 @@ def test_pytorch_engine_config_from_recipe():
                   "cache_max_entry_count": 0.3}
     assert "distributed_executor_backend" not in engine_config_kwargs(recipe(), "lmdeploy-pytorch",
                                                                       INTERNLM2)
+    inline = recipe(engine={"own_process": False})
+    assert engine_config_kwargs(inline, "lmdeploy-pytorch", INTERNLM2)["enable_mp_engine"] is False
 
 
 def test_tp_executor_is_ray_only_where_ray_is_installed(monkeypatch):
