@@ -73,9 +73,13 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
     if config.weights == "fp8" and engine.dtype == "float16":
         # LMDeploy 0.18's TurboMind has FP8 GEMMs with bfloat16 activations only
         # (turbomind/converter.py, _get_executable_dtypes): float16 fails its start with "no
-        # executable data type for this device" (H200, docs/data/gpu-2026-12-03-fp8/).
-        raise RecipeError("quantization.weights 'fp8' runs with bfloat16 activations on "
-                          "TurboMind: set engine.dtype: auto or bfloat16.")
+        # executable data type for this device" (H200, docs/data/gpu-2026-12-03-fp8/). The PyTorch
+        # engine's fast FP8 GEMMs (Gluon, DeepGEMM) take bfloat16 only too; with float16 it falls
+        # back to a Triton kernel that decoded at 0.67x fp16 (H200,
+        # docs/data/gpu-2026-12-03-pytorch-fp8/).
+        raise RecipeError("quantization.weights 'fp8' runs with bfloat16 activations on LMDeploy "
+                          "(float16 fails on TurboMind and is slower than fp16 weights on the "
+                          "PyTorch engine): set engine.dtype: auto or bfloat16.")
     if refusal := turbomind_group_refusal(config.backend, config.weights, config.group_size):
         raise refusal
     from deploy.engines.fp8_format import packed_qkv_misfit
@@ -85,7 +89,9 @@ def engine_config_kwargs(config: EngineConfig, model_config: dict,
         raise RecipeError(f"quantization.weights 'fp8' cannot be served by TurboMind for this model: "
                           f"{misfit}. Use quantization.weights: none or w4a16.")
     kwargs = {
-        "dtype": engine.dtype,
+        # FP8 computes in bfloat16 (above): `auto` would follow the checkpoint's float16 on the
+        # PyTorch engine.
+        "dtype": "bfloat16" if config.weights == "fp8" and engine.dtype == "auto" else engine.dtype,
         "session_len": engine.session_len,
         "max_batch_size": engine.max_batch_size,
         "tp": engine.tp,

@@ -113,10 +113,11 @@ class Verify(_Section):
 class Quantization(_Section):
     weights: Literal["none", "auto", "w4a16", "fp8", "q4_1", "q8_0"] = Field(
         "none", description="Weight quantization. auto: the format that decoded fastest on the GPU "
-        "found (or `--gpu` in plan and tune): fp8 on Hopper with TurboMind, w4a16 on Turing to Ada, "
+        "found (or `--gpu` in plan and tune): fp8 on Hopper (either LMDeploy engine), w4a16 on "
+        "Turing to Ada, "
         "none without a GPU; the choice and its reason are logged. "
         "w4a16: AWQ (LMDeploy) or HQQ (transformers). "
-        "fp8: blocked FP8 (128x128, e4m3), written by the kit for TurboMind on Hopper. "
+        "fp8: blocked FP8 (128x128, e4m3), written by the kit for LMDeploy on Hopper. "
         "q4_1, q8_0: a GGUF of that type for engine.backend llamacpp.")
     group_size: int = Field(128, gt=0, description="Quantization group size for w4a16.")
     calibration: Calibration = Field(default_factory=Calibration)

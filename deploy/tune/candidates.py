@@ -160,10 +160,9 @@ def _cpu_candidates(base: Recipe, config: dict, batch_sizes: list[int],
 
 def fp8_fits(base: Recipe, target: Target) -> bool:
     """FP8 candidates on Hopper and newer (engines/formats.py says why), where the engine may
-    compute in bf16 (TurboMind's FP8 does) and TurboMind may be the engine."""
+    compute in bf16 (LMDeploy's fast FP8 GEMMs do, on TurboMind and on the PyTorch engine)."""
     capability = capability_for(target.name)
-    return (capability is not None and capability >= HOPPER and base.engine.dtype != "float16"
-            and base.engine.backend != "lmdeploy-pytorch")
+    return capability is not None and capability >= HOPPER and base.engine.dtype != "float16"
 
 
 def group_sizes(wanted: int, config: dict, gpu: bool) -> list[int]:

@@ -33,7 +33,8 @@ def test_capability_from_names(name, capability):
 @pytest.mark.parametrize("backend, gpu, dtype, weights, says", [
     ("lmdeploy-turbomind", "H200", "auto", "fp8", "1.17x"),
     ("lmdeploy-turbomind", "H100", "float16", "none", "engine.dtype is float16"),
-    ("lmdeploy-pytorch", "H100", "auto", "none", "PyTorch engine"),
+    ("lmdeploy-pytorch", "H100", "auto", "fp8", "PyTorch engine"),
+    ("lmdeploy-pytorch", "H200", "float16", "none", "engine.dtype is float16"),
     ("lmdeploy-turbomind", "A100-80G", "auto", "w4a16", "not measured by this kit"),
     ("lmdeploy-turbomind", "T4", "auto", "w4a16", "sm_75"),
     ("lmdeploy-turbomind", "24 GiB GPU", "auto", "none", "--gpu"),
@@ -82,6 +83,13 @@ def test_tune_offers_fp8_on_hopper_only(tmp_path):
         labels = [c.label for c in enumerate_candidates(base, target, 4, CONFIG)]
         assert any(label.startswith("fp8-") for label in labels) is has_fp8, labels
         assert any(label.startswith("w4a16g128-") for label in labels)
+    # The PyTorch engine gets FP8 candidates too (its Gluon kernel, bf16); float16 rules FP8 out.
+    h200 = Target("gpu", *parse_gpu("H200"))
+    for engine, has_fp8 in (({"backend": "lmdeploy-pytorch"}, True),
+                            ({"backend": "lmdeploy-pytorch", "dtype": "float16"}, False)):
+        recipe = base.model_copy(update={"engine": base.engine.model_copy(update=engine)})
+        labels = [c.label for c in enumerate_candidates(recipe, h200, 4, CONFIG)]
+        assert any(label.startswith("fp8-") for label in labels) is has_fp8, (engine, labels)
 
 
 @pytest.mark.skipif(local_gpu() is None, reason="needs an NVIDIA GPU (runs on the device)")

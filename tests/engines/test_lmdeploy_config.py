@@ -81,6 +81,13 @@ def test_fp8_on_turbomind_needs_bfloat16_and_whole_heads_in_a_packed_wqkv():
     with pytest.raises(RecipeError, match="engine.dtype: auto or bfloat16"):
         engine_config_kwargs(recipe(quantization=fp8, engine={"dtype": "float16"}),
                              "lmdeploy-turbomind", LLAMA2)
+    # The PyTorch engine reads FP8 from the folder; dtype auto would follow a float16 checkpoint
+    # onto its slow Triton path, so the kit asks for bfloat16.
+    pt = engine_config_kwargs(recipe(quantization=fp8), "lmdeploy-pytorch", LLAMA2)
+    assert pt["dtype"] == "bfloat16" and "model_format" not in pt
+    with pytest.raises(RecipeError, match="engine.dtype: auto or bfloat16"):
+        engine_config_kwargs(recipe(quantization=fp8, engine={"dtype": "float16"}),
+                             "lmdeploy-pytorch", LLAMA2)
     # InternLM2 with 64-row heads: a 128-row block scale would span two heads of the packed wqkv.
     small_heads = {**INTERNLM2, "model_type": "internlm2", "num_attention_heads": 64}
     with pytest.raises(RecipeError, match="heads of 64 rows"):
