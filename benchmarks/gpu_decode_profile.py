@@ -217,11 +217,10 @@ def answer(pipe, tokens: int) -> dict:
             "decode_tok_s": round((tokens - 1) / (ended - first), 1)}
 
 
-def engine_config(name: str):
-    """The setting's engine config: TurbomindEngineConfig or PytorchEngineConfig, same sizes."""
+def engine_config(engine: str, dtype: str, extra: dict):
+    """A setting's engine config: TurbomindEngineConfig or PytorchEngineConfig, same sizes."""
     from lmdeploy import PytorchEngineConfig, TurbomindEngineConfig
 
-    _, dtype, extra, _, engine = SETTINGS[name]
     kind = PytorchEngineConfig if engine == "pytorch" else TurbomindEngineConfig
     return kind(dtype=dtype, session_len=4096, max_batch_size=64, cache_max_entry_count=0.2, **extra)
 
@@ -242,11 +241,11 @@ def one(name: str, folder: Path, out: Path) -> dict:
     import torch
     from lmdeploy import pipeline
 
-    _, dtype, extra, _, engine = SETTINGS[name]
+    _, dtype, extra, env, engine = SETTINGS[name]
     started = time.perf_counter()
-    pipe = pipeline(str(folder), backend_config=engine_config(name))
+    pipe = pipeline(str(folder), backend_config=engine_config(engine, dtype, extra))
     result = {"setting": name, "engine": engine, "folder": str(folder), "dtype": dtype,
-              "engine_extra": extra, "env": {k: os.environ.get(k) for k in SETTINGS[name][3]},
+              "engine_extra": extra, "env": {k: os.environ.get(k) for k in env},
               "start_s": round(time.perf_counter() - started, 1)}
     if engine == "pytorch":
         result["fp8_providers"] = fp8_providers()

@@ -78,16 +78,14 @@ def build_fp8(recipe: Path, out: Path) -> dict:
             "verify": json.loads(verify.read_text()) if verify.is_file() else None}
 
 
-def c1(url: str, model: str, repeats: int) -> list[dict]:
-    asyncio.run(run_load(url, model, [PROMPT], 1, 2, 16))  # warm-up
-    return [{"round": r + 1, **asyncio.run(run_load(url, model, [PROMPT], 1, 8, 128)).as_dict()}
-            for r in range(repeats)]
-
-
-def c64(url: str, model: str, repeats: int) -> list[dict]:
-    """Concurrency 64 (128 requests of 128 tokens a round), after a warm-up wave."""
-    asyncio.run(run_load(url, model, [PROMPT], 64, 64, 8))
-    return [{"round": r + 1, **asyncio.run(run_load(url, model, [PROMPT], 64, 128, 128)).as_dict()}
+def rounds(url: str, model: str, repeats: int, concurrency: int = 1) -> list[dict]:
+    """`repeats` rounds of streamed 128-token answers after a warm-up wave: 8 requests a round at
+    concurrency 1, 128 at 64."""
+    warm = (2, 16) if concurrency == 1 else (concurrency, 8)  # requests, tokens
+    asyncio.run(run_load(url, model, [PROMPT], concurrency, *warm))
+    requests = 8 if concurrency == 1 else 2 * concurrency
+    return [{"round": r + 1,
+             **asyncio.run(run_load(url, model, [PROMPT], concurrency, requests, 128)).as_dict()}
             for r in range(repeats)]
 
 
@@ -120,9 +118,9 @@ def serve_kit(recipe: Path, out: Path, repeats: int, force: bool, high: bool = F
         wait_loaded(url, proc)
         ready = time.perf_counter() - started
         row = {"server": "xlab-deploy", "recipe": name, "ready_s": ready,
-               "c1": c1(url + "/v1", name, repeats)}
+               "c1": rounds(url + "/v1", name, repeats)}
         if high:
-            row["c64"] = c64(url + "/v1", name, repeats)
+            row["c64"] = rounds(url + "/v1", name, repeats, 64)
         return {**row, "memory": httpx.get(url + "/memory").json(),
                 "plan": json.loads(plan.stdout) if plan.returncode == 0 else plan.stderr[-2000:]}
     finally:
@@ -146,7 +144,7 @@ def serve_lmdeploy(folder: Path, fmt: str, out: Path, repeats: int, engine: str)
         wait_ready(url, proc, "/v1/models")
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         return {"server": "lmdeploy api_server", "engine": engine, "model_format": fmt,
-                "c1": c1(url + "/v1", name, repeats)}
+                "c1": rounds(url + "/v1", name, repeats)}
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)

@@ -69,12 +69,13 @@ def test_fp8_build_writes_turbominds_layout_and_gates_both_ways(tmp_path, monkey
     assert verify["passed"] is True and 0.9 <= verify["top1_agreement"] < 1.0
 
     # FP8 is not lossless here: a gate that demands near-identity refuses it, exit code 4.
+    strict = load_recipe(_recipe(tmp_path, min_top1_agreement=0.99))
     with pytest.raises(QualityGateError) as refused:
-        build(load_recipe(_recipe(tmp_path, min_top1_agreement=0.99)))
+        build(strict)
     assert refused.value.exit_code == 4 and "top-1 agreement" in str(refused.value)
     # ... and the server refuses the refused weights (before, only AWQ and HQQ builds were checked).
     with pytest.raises(GateRefusal, match="failed the quality gate"):
-        check_gate(load_recipe(_recipe(tmp_path, min_top1_agreement=0.99)))
+        check_gate(strict)
 
 
 def test_internlm2s_packed_linears_are_written_as_fp8_and_read_back(tiny_internlm2, tmp_path):

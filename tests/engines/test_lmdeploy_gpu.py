@@ -193,8 +193,8 @@ def test_the_gate_gets_whole_answers_from_the_pytorch_engine(gpu_recipe):
 
 def test_the_pytorch_engine_serves_the_kits_fp8_weights(gpu_recipe, tmp_path):
     """quantization.weights: fp8 on LMDeploy's PyTorch engine: the kit's blocked-FP8 folder (the
-    layout TurboMind reads) loads through its quantization_config, answers, and /memory counts
-    FP8 weight bytes, about half the fp16 ones."""
+    layout TurboMind reads) loads through its quantization_config, answers, and the engine's
+    memory report counts FP8 weight bytes, about half the fp16 ones."""
     from pathlib import Path
 
     from deploy.builder.fp8 import fp8_quantize
