@@ -136,6 +136,8 @@ def serve_lmdeploy(folder: Path, fmt: str, out: Path, repeats: int, engine: str)
                                  # The PyTorch engine reads FP8 from the folder's quantization_config;
                                  # its --model-format takes only fp8, to quantize fp16 weights itself.
                                  *(["--model-format", fmt] if engine == "turbomind" else []),
+                                 # FP8 GEMMs take bfloat16 activations (the kit's recipes say so too).
+                                 *(["--dtype", "bfloat16"] if fmt == "fp8" else []),
                                  "--cache-max-entry-count", "0.2", "--session-len", "4096",
                                  "--max-batch-size", "64", "--server-port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
