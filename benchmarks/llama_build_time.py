@@ -30,11 +30,16 @@ VERSION = "0.3.36"
 # unity build without libcommon (deploy/package/llama_skip_common.cmake), today's LLAMA_CMAKE_ARGS.
 BASE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
         "-DGGML_OPENMP=OFF")
+AVX512 = (" -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON")
 # The last two differ in libllama's optimization level only (llama_skip_common.cmake).
 VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF",
             "kit flags, no mtmd, unity, no libcommon": LLAMA_CMAKE_ARGS.removeprefix(BASE)
             + " -DXLAB_LLAMA_OPT=3",
-            "kit flags, no mtmd, unity, no libcommon, libllama -O1": LLAMA_CMAKE_ARGS.removeprefix(BASE)}
+            "kit flags, no mtmd, unity, no libcommon, libllama -O1": LLAMA_CMAKE_ARGS.removeprefix(BASE),
+            # Today's flags plus the AVX-512 families an AVX512-BF16 CPU has: a wheel that runs on
+            # such CPUs only, to measure what the portable AVX2 build leaves unused there
+            # (benchmarks/llama_wheel_speed.py --gguf F16,BF16).
+            "kit flags + AVX-512": LLAMA_CMAKE_ARGS.removeprefix(BASE) + AVX512}
 
 
 def sdist(folder: Path) -> Path:
