@@ -76,6 +76,16 @@ def measure(site: Path, sequences: int, steps: int, path: Path) -> float:
     return result["rate"]
 
 
+def install_wheels(wheels: dict[str, str], folder: Path) -> dict[str, Path]:
+    """Each wheel installed into a folder of its own under `folder`, to be put first on the path."""
+    sites = {}
+    for name, wheel in wheels.items():
+        sites[name] = folder / "".join(c if c.isalnum() else "_" for c in name)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                        str(sites[name]), wheel], check=True)
+    return sites
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("wheels", nargs="*", help="NAME=WHEEL")
@@ -96,11 +106,7 @@ def main() -> None:
             for name in wheels for kind in files}
     rates = {row: {str(s): [] for s in SEQUENCES} for row in rows.values()}
     with tempfile.TemporaryDirectory() as tmp:
-        sites = {}
-        for name, wheel in wheels.items():
-            sites[name] = Path(tmp) / name.replace(" ", "_")
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                            str(sites[name]), wheel], check=True)
+        sites = install_wheels(wheels, Path(tmp))
         for run in range(args.runs):
             for (name, kind), row in rows.items():
                 for sequences in SEQUENCES:
