@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.engines.llamacpp_build import batch_variance_warning, compiled_features
 from deploy.engines.model_thread import ModelThread
 from deploy.engines.np_sampling import generator_for, pick
 from deploy.engines.requests import END, Request
@@ -49,6 +50,9 @@ class LlamaBatcher(ModelThread):
         self.eos, self.slots, self.chunk = eos, max_batch_size, chunk
         self._scoring_seq = max_batch_size
         llama_cpp.llama_backend_init()
+        self.compiled_for = compiled_features(llama_cpp.llama_print_system_info().decode())
+        if warning := batch_variance_warning(self.compiled_for):
+            log.warning(warning)
         self._model = llama_cpp.llama_model_load_from_file(
             str(gguf).encode(), llama_cpp.llama_model_default_params())
         if not self._model:

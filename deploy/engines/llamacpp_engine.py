@@ -96,6 +96,9 @@ class LlamaCppEngine(Engine):
             notes=["llama.cpp allocates an fp16 KV cache up front: engine.session_len tokens for "
                    "each of engine.max_batch_size sequences, plus one for scoring."],
             settings={"max_batch_size": self.max_batch_size, "gguf": self.gguf.name,
+                      # what llama.cpp was compiled for: a host's own build may differ from the
+                      # kit's portable one (llamacpp_build.py)
+                      "llama_cpp_compiled_for": self._batcher.compiled_for,
                       "batched_now": self._batcher.active, "waiting_now": self._batcher.waiting},
         )
 
