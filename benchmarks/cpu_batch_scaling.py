@@ -1,6 +1,7 @@
 """How llama.cpp itself scales from one sequence to eight on this CPU, without the kit.
 
-Usage: python -m benchmarks.cpu_batch_scaling [--runs 3] [--steps 48] [--out docs/data/cpu-batch-scaling.json]
+Usage: python -m benchmarks.cpu_batch_scaling [--runs 3] [--steps 48] [--context 32] [--files F16,Q8_0,Q4_1]
+           [--out docs/data/cpu-batch-scaling.json]
 
 Issue #34 asks for 8 concurrent streams at 4x one stream in aggregate. The kit's llama.cpp engine
 reaches about 2x. This measures the ceiling under it: bare `llama_decode` calls through
@@ -8,7 +9,8 @@ llama-cpp-python's low-level API on the bundled model (the F16 GGUF the default 
 the Q8_0 and Q4_1 files written from it), with B sequences each decoding one token per call, B in
 1, 2, 4, 8. No sampling, no detokenizing, no HTTP: tokens per second of decode calls alone. Rounds
 alternate the files so that each sees the same minutes. The same context settings as the engine
-(non-unified KV cache, one stream per sequence, threads = cores).
+(non-unified KV cache, one stream per sequence, threads = cores). `--context` sets how many tokens
+each sequence holds before the timed steps (default 32): attention's share of a step grows with it.
 """
 
 from __future__ import annotations
@@ -26,21 +28,22 @@ BATCHES = (1, 2, 4, 8)
 PROMPT_TOKENS = 32
 
 
-def context(lib, model, sequences: int, threads: int):
+def context(lib, model, sequences: int, threads: int, prompt_tokens: int = PROMPT_TOKENS):
     params = lib.llama_context_default_params()
-    params.n_batch = params.n_ubatch = max(PROMPT_TOKENS * sequences, 64)
+    params.n_batch = params.n_ubatch = max(prompt_tokens * sequences, 64)
     params.n_seq_max = sequences
-    params.n_ctx = 512 * sequences
+    params.n_ctx = (512 + prompt_tokens) * sequences
     params.kv_unified = False
     params.n_threads = params.n_threads_batch = threads
     return lib.llama_init_from_model(model, params)
 
 
-def decode_rate(lib, model, sequences: int, steps: int, threads: int) -> float:
+def decode_rate(lib, model, sequences: int, steps: int, threads: int,
+                prompt_tokens: int = PROMPT_TOKENS) -> float:
     """Tokens per second over `steps` decode calls of `sequences` rows each, after each sequence
-    was prefilled with the same 32 tokens."""
-    ctx = context(lib, model, sequences, threads)
-    batch = lib.llama_batch_init(PROMPT_TOKENS * sequences, 0, 1)
+    was prefilled with the same `prompt_tokens` tokens."""
+    ctx = context(lib, model, sequences, threads, prompt_tokens)
+    batch = lib.llama_batch_init(max(prompt_tokens * sequences, 64), 0, 1)
     try:
         def fill(rows):
             batch.n_tokens = 0
@@ -52,11 +55,11 @@ def decode_rate(lib, model, sequences: int, steps: int, threads: int) -> float:
             if lib.llama_decode(ctx, batch) != 0:
                 raise RuntimeError("llama_decode failed")
 
-        fill([(100 + t, t, s, t == PROMPT_TOKENS - 1) for s in range(sequences)
-              for t in range(PROMPT_TOKENS)])
+        fill([(100 + t % 1000, t, s, t == prompt_tokens - 1) for s in range(sequences)
+              for t in range(prompt_tokens)])
         started = time.perf_counter()
         for step in range(steps):
-            fill([(200 + step, PROMPT_TOKENS + step, s, True) for s in range(sequences)])
+            fill([(200 + step, prompt_tokens + step, s, True) for s in range(sequences)])
         return sequences * steps / (time.perf_counter() - started)
     finally:
         lib.llama_batch_free(batch)
@@ -74,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--context", type=int, default=PROMPT_TOKENS,
+                        help="tokens each sequence holds before the timed steps")
+    parser.add_argument("--files", default="F16,Q8_0,Q4_1", help="which of the GGUF files to measure")
     parser.add_argument("--out", type=Path, default=Path("docs/data/cpu-batch-scaling.json"))
     args = parser.parse_args()
     import llama_cpp as lib
@@ -83,12 +89,13 @@ def main() -> None:
     lib.llama_backend_init()
     threads = os.cpu_count() or 1
     models = {name: lib.llama_model_load_from_file(str(path).encode(), lib.llama_model_default_params())
-              for name, path in files(bundled_model_dir("SmolLM2-135M-Instruct", False)).items()}
+              for name, path in files(bundled_model_dir("SmolLM2-135M-Instruct", False)).items()
+              if name in args.files.split(",")}
     rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in models}
     for run in range(args.runs):
         for name, model in models.items():
             for sequences in BATCHES:
-                rate = decode_rate(lib, model, sequences, args.steps, threads)
+                rate = decode_rate(lib, model, sequences, args.steps, threads, args.context)
                 rates[name][sequences].append(round(rate, 1))
                 print(f"run {run + 1} {name} x{sequences}: {rate:.1f} tok/s", flush=True)
     summary = {}
@@ -97,8 +104,9 @@ def main() -> None:
         summary[name] = {str(b): {"tok_s": runs, "median": statistics.median(runs),
                                   "x_one": round(statistics.median(runs) / one, 2)}
                          for b, runs in by_batch.items()}
-    report = {"what": "bare llama_decode, B sequences one token each per call, after a 32-token "
-                      "prefill; bundled SmolLM2-135M-Instruct (real weights)",
+    report = {"what": f"bare llama_decode, B sequences one token each per call, after a {args.context}-"
+                      "token prefill; bundled SmolLM2-135M-Instruct (real weights)",
+              "context": args.context,
               "cpu": cpu_name(), "threads": threads, "steps": args.steps, "runs": args.runs,
               "llama_cpp_python": lib.__version__, "date": time.strftime("%Y-%m-%d"),
               "results": summary}

@@ -39,7 +39,10 @@ VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF",
             # Today's flags plus the AVX-512 families an AVX512-BF16 CPU has: a wheel that runs on
             # such CPUs only, to measure what the portable AVX2 build leaves unused there
             # (benchmarks/llama_wheel_speed.py --gguf F16,BF16).
-            "kit flags + AVX-512": LLAMA_CMAKE_ARGS.removeprefix(BASE) + AVX512}
+            "kit flags + AVX-512": LLAMA_CMAKE_ARGS.removeprefix(BASE) + AVX512,
+            # Today's flags with OpenMP threads (needs libgomp at run time), whose barrier can
+            # sleep (OMP_WAIT_POLICY) where ggml's own spins (benchmarks/cpu_llama_threadpool.py).
+            "kit flags + OpenMP": LLAMA_CMAKE_ARGS.removeprefix(BASE) + " -DGGML_OPENMP=ON"}
 
 
 def sdist(folder: Path) -> Path:
