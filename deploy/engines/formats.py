@@ -6,9 +6,10 @@ The choice follows measurements, not format names:
   `deploy bench`; docs/bench/h200-turbomind*/, docs/benchmarks.md).
   TurboMind's FP8 computes in bf16, so engine.dtype float16 keeps fp16 weights.
 - Hopper on LMDeploy's PyTorch engine: FP8 too. On the H200 its Gluon FP8 kernel decoded 1.45-1.49x
-  fp16 in LMDeploy's own pipeline and 1.04-1.15x through the kit's server, W4A16 0.65x (random
-  weights, 3 runs each, same call; docs/data/gpu-2026-12-03-pytorch-fp8/). Its fast FP8 kernels
-  take bf16 activations only, so engine.dtype float16 keeps fp16 weights here too.
+  fp16 in LMDeploy's own pipeline and 1.04-1.26x through the kit's server over three calls
+  (LMDeploy's api_server the same), W4A16 0.65x (random weights, 3 runs each;
+  docs/data/gpu-2026-12-03-pytorch-fp8/, docs/data/gpu-2026-12-04-pytorch-fp8-reference/). Its
+  fast FP8 kernels take bf16 activations only, so engine.dtype float16 keeps fp16 weights here too.
 - Turing, Ampere and Ada (sm_75 to sm_89): W4A16 (AWQ). Not measured by this kit (no such card has
   been lent); LMDeploy's own guide reports its 4-bit kernels at up to 2.4x fp16 on these
   (lmdeploy docs/en/quantization/w4a16.md).
@@ -67,9 +68,9 @@ def fastest_weights(backend: str, gpu: str | None, capability: tuple[int, int] |
                                 "and engine.dtype is float16")
         if backend == "lmdeploy-pytorch":
             return WeightChoice("fp8", f"{arch} on LMDeploy's PyTorch engine: FP8 decoded 1.45-1.49x "
-                                "fp16 in LMDeploy's pipeline and 1.04-1.15x through the kit's server "
+                                "fp16 in LMDeploy's pipeline and 1.04-1.26x through the kit's server "
                                 "on the H200, W4A16 0.65x (Llama-2-7B shapes, random weights; "
-                                "docs/data/gpu-2026-12-03-pytorch-fp8/)")
+                                "docs/data/gpu-2026-12-0[34]-pytorch-fp8*/)")
         return WeightChoice("fp8", f"{arch}: FP8 served 1.17x fp16 on the H200 and W4A16 0.71x "
                             "(Llama-2-7B shapes; FP8 1.15x on InternLM2-7B shapes; "
                             "docs/bench/h200-turbomind*/)")

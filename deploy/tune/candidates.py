@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from deploy.capacity.planner import GIB, plan
-from deploy.engines.formats import HOPPER, capability_for
+from deploy.engines.formats import capability_for, fastest_weights
 from deploy.engines.sizing import DTYPE_BYTES, kv_bytes_per_token, llamacpp_kv_cells, weight_bytes
 from deploy.recipe import Recipe, parse_recipe
 
@@ -159,10 +159,11 @@ def _cpu_candidates(base: Recipe, config: dict, batch_sizes: list[int],
 
 
 def fp8_fits(base: Recipe, target: Target) -> bool:
-    """FP8 candidates on Hopper and newer (engines/formats.py says why), where the engine may
-    compute in bf16 (LMDeploy's fast FP8 GEMMs do, on TurboMind and on the PyTorch engine)."""
-    capability = capability_for(target.name)
-    return capability is not None and capability >= HOPPER and base.engine.dtype != "float16"
+    """FP8 candidates where `quantization.weights: auto` would pick FP8 (engines/formats.py: Hopper
+    and newer, with the engine free to compute in bf16): one rule, stated there."""
+    backend = base.engine.backend if base.engine.backend.startswith("lmdeploy") else "lmdeploy-turbomind"
+    choice = fastest_weights(backend, target.name, capability_for(target.name), base.engine.dtype)
+    return choice.weights == "fp8"
 
 
 def group_sizes(wanted: int, config: dict, gpu: bool) -> list[int]:

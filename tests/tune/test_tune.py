@@ -201,3 +201,22 @@ def test_the_floor_comes_before_the_goal_and_overlaps_are_parity():
     assert fast_bad.status == "failed" and "0.800 is below the floor 0.95" in fast_bad.reason
     assert "parity" in close.reason
     assert slow.reason.endswith("lower")
+
+
+@pytest.mark.parametrize(("gpu", "dtype", "fp8"), [("H200", "auto", True), ("H100", "bfloat16", True),
+                                                   ("H200", "float16", False), ("A100-80G", "auto", False)])
+def test_fp8_candidates_where_auto_would_pick_fp8(gpu, dtype, fp8):
+    """Tune offers FP8 on a GPU exactly where `quantization.weights: auto` picks it: Hopper, with
+    the engine free to compute in bf16 (one rule, engines/formats.py)."""
+    from deploy.engines.formats import capability_for, fastest_weights
+    from deploy.recipe import load_recipe
+    from deploy.tune.candidates import Target, enumerate_candidates
+
+    base = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-fp16.yaml")
+    base = base.model_copy(update={"engine": base.engine.model_copy(update={"dtype": dtype})})
+    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 92544}  # InternLM2-7B
+    candidates = enumerate_candidates(base, Target("gpu", gpu, 80 * 2**30), 4, config)
+    assert {c.weights for c in candidates} == ({"none", "w4a16", "fp8"} if fp8 else {"none", "w4a16"})
+    auto = fastest_weights("lmdeploy-turbomind", gpu, capability_for(gpu), dtype).weights
+    assert (auto == "fp8") is fp8
