@@ -3,9 +3,9 @@ benchmarks/cpu_llama_threads.py measures against the engine's default (not shipp
 
 Without one, llama.cpp's CPU backend (built without OpenMP, as the kit builds it) makes a new
 threadpool inside every `llama_decode`: it starts its worker threads, runs the graph, and joins
-them. The step's first barrier then waits for a thread that has only just been started; perf on
-the 2-core machine showed the model thread spending 36% of its samples in `ggml_barrier`, and a
-new worker thread id for every step. A threadpool made once and attached to the context keeps its
+them. The step's first barrier then waits for a thread that has only just been started; a perf
+profile on the 2-core machine (not kept) showed the model thread spinning in `ggml_barrier` for
+much of each step, and a new worker thread id for every step. A threadpool made once and attached to the context keeps its
 threads between steps (llama.cpp's own CLI does this; llama-cpp-python 0.3.36 binds neither
 `ggml_threadpool_new` nor `llama_attach_threadpool`, so they are bound here).
 
