@@ -61,8 +61,8 @@ build: install  ## validate RECIPE and prepare its model
 deploy: build  ## install, validate, prepare and serve RECIPE (PORT=... to override)
 	$(PY) -m deploy serve $(RECIPE) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
-# CPU: the bundled model, transformers bf16 against HQQ 4-bit. On a GPU machine pass a GPU recipe.
 # The default recipe: llama.cpp F16 and Q4_1 against transformers bf16, what a CPU user serves.
+# On a GPU machine pass a GPU recipe.
 BENCH_RECIPE ?= recipes/smollm2-cpu.yaml
 BENCH_OUT ?= docs/bench/cpu-llamacpp
 bench: $(VENV)/.test-installed  ## benchmark BENCH_RECIPE's settings into BENCH_OUT/report.md

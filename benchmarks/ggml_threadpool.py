@@ -5,9 +5,9 @@ Without one, llama.cpp's CPU backend (built without OpenMP, as the kit builds it
 threadpool inside every `llama_decode`: it starts its worker threads, runs the graph, and joins
 them. The step's first barrier then waits for a thread that has only just been started; a perf
 profile on the 2-core machine (not kept) showed the model thread spinning in `ggml_barrier` for
-much of each step, and a new worker thread id for every step. A threadpool made once and attached to the context keeps its
-threads between steps (llama.cpp's own CLI does this; llama-cpp-python 0.3.36 binds neither
-`ggml_threadpool_new` nor `llama_attach_threadpool`, so they are bound here).
+much of each step, and a new worker thread id for every step. A threadpool made once and attached
+to the context keeps its threads between steps (llama.cpp's own CLI does this; llama-cpp-python
+0.3.36 binds neither `ggml_threadpool_new` nor `llama_attach_threadpool`, so they are bound here).
 
 `poll` 0: between steps the workers sleep instead of spinning, so the server's event loop, which
 sends the step's tokens while the model thread picks the next ones, has the other core.
@@ -46,9 +46,8 @@ def attach_to_batcher(threads: int) -> None:
         return ctx
 
     def closing(self) -> None:
-        super(batcher, self).close()  # the model thread stops first
+        close(self)  # the model thread stops, then the context is freed
         self._pool.close()
-        close(self)
 
     batcher._new_context, batcher.close = with_pool, closing
 
@@ -66,8 +65,6 @@ def _libraries(llama_lib: ctypes.CDLL) -> tuple[ctypes.CDLL, ctypes.CDLL]:
     cpu.ggml_threadpool_free.restype = None
     llama_lib.llama_attach_threadpool.argtypes = [ctypes.c_void_p] * 3
     llama_lib.llama_attach_threadpool.restype = None
-    llama_lib.llama_detach_threadpool.argtypes = [ctypes.c_void_p]
-    llama_lib.llama_detach_threadpool.restype = None
     return base, cpu
 
 
@@ -75,7 +72,6 @@ class Threadpool:
     """`threads` ggml compute threads, attached to `ctx` for decoding and prompts alike."""
 
     def __init__(self, llama_lib: ctypes.CDLL, ctx, threads: int, poll: int = 0):
-        self._llama = llama_lib
         base, self._cpu = _libraries(llama_lib)
         params = ThreadpoolParams()
         base.ggml_threadpool_params_init(ctypes.byref(params), threads)
@@ -83,12 +79,10 @@ class Threadpool:
         self._pool = self._cpu.ggml_threadpool_new(ctypes.byref(params))
         if not self._pool:
             raise RuntimeError(f"ggml could not start a threadpool of {threads} threads.")
-        self._ctx = ctx
         llama_lib.llama_attach_threadpool(ctx, self._pool, self._pool)
 
     def close(self) -> None:
-        """Detach and stop the threads; call before the context is freed."""
+        """Stop the threads, after the context is freed (as llama.cpp's CLI orders it)."""
         if self._pool:
-            self._llama.llama_detach_threadpool(self._ctx)
             self._cpu.ggml_threadpool_free(self._pool)
             self._pool = None

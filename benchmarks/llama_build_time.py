@@ -41,7 +41,7 @@ VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF",
             # (benchmarks/llama_wheel_speed.py --gguf F16,BF16).
             "kit flags + AVX-512": LLAMA_CMAKE_ARGS.removeprefix(BASE) + AVX512,
             # Today's flags with OpenMP threads (needs libgomp at run time), whose barrier can
-            # sleep (OMP_WAIT_POLICY) where ggml's own spins (benchmarks/cpu_llama_threadpool.py).
+            # sleep (OMP_WAIT_POLICY) where ggml's own spins (benchmarks/cpu_llama_threads.py).
             "kit flags + OpenMP": LLAMA_CMAKE_ARGS.removeprefix(BASE) + " -DGGML_OPENMP=ON"}
 
 
