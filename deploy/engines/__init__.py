@@ -51,6 +51,7 @@ def load_engine(config: EngineConfig, model_dir: Path) -> Engine:
 
         return TransformersEngine(model_dir, dtype=config.dtype, session_len=config.session_len,
                                   max_batch_size=config.max_batch_size,
+                                  threads=config.threads,
                                   chat_template=config.chat_template,
                                   trust_remote_code=config.trust_remote_code)
     if config.backend == "llamacpp":
@@ -71,6 +72,7 @@ def _load_llamacpp(config: EngineConfig, model_dir: Path) -> Engine:
     try:
         return LlamaCppEngine(model_dir, session_len=config.session_len,
                               max_batch_size=config.max_batch_size,
+                              threads=config.threads,
                               chat_template=config.chat_template,
                               trust_remote_code=config.trust_remote_code)
     except ValueError as exc:

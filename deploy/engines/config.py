@@ -30,6 +30,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto, float16, bfloat16, float32
     session_len: int = 4096
     max_batch_size: int = 8
+    threads: int | None = None  # CPU threads; None: the CPUs this process may use (usable_cpus)
     tp: int = 1
     own_process: bool = True  # LMDeploy's PyTorch engine in a process of its own
     cache_max_entry_count: float | None = None  # LMDeploy: share of free memory for the KV cache
@@ -49,6 +50,7 @@ def engine_config(recipe: Recipe, backend: str | None = None) -> EngineConfig:
         dtype=engine.dtype,
         session_len=engine.session_len,
         max_batch_size=engine.max_batch_size,
+        threads=engine.threads,
         tp=engine.tp,
         own_process=engine.own_process,
         cache_max_entry_count=engine.cache_max_entry_count,

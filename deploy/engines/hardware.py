@@ -1,15 +1,19 @@
-"""What this machine offers the engines: LMDeploy installed or not, CUDA GPUs, and NVML's view of
-GPU memory (the memory report and LMDeploy's environment-check key read it)."""
+"""What this machine offers the engines: the CPUs this process may use, LMDeploy installed or not,
+CUDA GPUs, and NVML's view of GPU memory (the memory report and LMDeploy's environment-check key
+read it)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import platform
 from pathlib import Path
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 def cpu_name() -> str:
@@ -29,6 +33,90 @@ def cpu_name() -> str:
 def cpu_machine() -> str:
     """This CPU machine in a report's words: the CPU, its flags, the cores."""
     return f"CPU only: {cpu_name()}, {platform.machine()}, {os.cpu_count()} cores"
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, str]:
+    """How many CPUs this process may keep busy, and what limited it: its affinity (taskset,
+    `docker run --cpuset-cpus`) and its cgroup's CPU quota (`docker run --cpus`, a swarm service's
+    `limits.cpus`), whichever is lower. `os.cpu_count()` counts the host's CPUs and ignores both.
+
+    A quota is rounded to the nearest whole CPU (at least 1): llama.cpp's threads spin while they
+    wait for each other, and a second thread cost more than it added under a 1-CPU quota, not
+    under a 1.5-CPU one (docs/cpu-runtimes.md, "Threads"). joblib's loky `cpu_count` reads the
+    same kind of files, but only at the mount's root, so on a host it misses a process's own
+    cgroup (systemd-run -p CPUQuota=, the benchmark's); and the server would import joblib."""
+    host = os.cpu_count() or 1
+    count, why = host, f"{_cpus(host)} on this machine"
+    with contextlib.suppress(AttributeError, OSError):
+        pinned = len(os.sched_getaffinity(0))
+        if pinned < count:
+            count, why = pinned, f"{_cpus(pinned)} in this process's CPU affinity"
+    quota = cgroup_cpu_quota(cgroup)
+    granted = max(1, int(quota + 0.5)) if quota is not None else count
+    if granted < count:
+        plural = "" if quota == 1 else "s"
+        count, why = granted, f"a CPU quota of {quota:g} CPU{plural} (its cgroup)"
+    return count, why
+
+
+def cpu_threads(configured: int | None) -> tuple[int, str]:
+    """The CPU threads an engine runs, and why: `engine.threads` where the recipe sets it, else
+    `usable_cpus()`. More threads than usable CPUs is allowed (the user may know better) but
+    warned about, naming the field."""
+    usable, why = usable_cpus()
+    if configured is None:
+        return usable, why
+    if configured > usable:
+        log.warning("engine.threads is %d but this process may use %s: threads beyond that wait "
+                    "on each other (llama.cpp's spin). Lower engine.threads, or leave it unset to "
+                    "use %d.", configured, why, usable)
+    return configured, "engine.threads"
+
+
+def _cpus(n: int) -> str:
+    return f"{n} CPU" + ("" if n == 1 else "s")
+
+
+def cgroup_cpu_quota(cgroup: Path = Path("/sys/fs/cgroup"),
+                     membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The lowest CPU quota, in CPUs (quota / period), on this process's cgroup and its parents;
+    None where there is none. cgroup v2: `cpu.max` ("max 100000" is none); v1: `cpu.cfs_quota_us`
+    (-1 is none) over `cpu.cfs_period_us` under the `cpu` hierarchy. `membership` names this
+    process's cgroup; inside a container that path may not exist under the mount, whose root is
+    then the container's own cgroup, so the root is read too."""
+    quotas = []
+    for folder, v2 in _cgroup_folders(cgroup, membership):
+        try:
+            if v2:
+                quota, period = (folder / "cpu.max").read_text().split()
+            else:
+                quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+                period = (folder / "cpu.cfs_period_us").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota != "max" and int(quota) > 0 and int(period) > 0:
+            quotas.append(int(quota) / int(period))
+    return min(quotas) if quotas else None
+
+
+def _cgroup_folders(cgroup: Path, membership: Path) -> list[tuple[Path, bool]]:
+    """This process's cgroup folders with the CPU controller, and their parents up to the mount."""
+    own = {}  # "v2" or "v1" -> path inside the hierarchy
+    with contextlib.suppress(OSError):
+        for line in membership.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                own["v2"] = path
+            elif "cpu" in controllers.split(","):
+                own["v1"] = path
+    folders = []
+    for v2, root in ((True, cgroup), (False, cgroup / "cpu")):
+        path = Path(own.get("v2" if v2 else "v1", "/"))
+        for part in (path, *path.parents):
+            folder = root / str(part).lstrip("/")
+            if folder.is_dir() and (folder, v2) not in folders:
+                folders.append((folder, v2))
+    return folders
 
 
 def lmdeploy_installed() -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ class LlamaCppError(RuntimeError):
 
 class LlamaBatcher(ModelThread):
     def __init__(self, gguf: Path, *, session_len: int, max_batch_size: int, eos: set[int],
-                 chunk: int = 256, threads: int | None = None):
+                 threads: int, chunk: int = 256):
         super().__init__("llama.cpp")
         import llama_cpp
         import llama_cpp._logger as llama_log  # routes llama.cpp's log lines; quiet by default
@@ -57,7 +56,7 @@ class LlamaBatcher(ModelThread):
             str(gguf).encode(), llama_cpp.llama_model_default_params())
         if not self._model:
             raise ValueError(f"llama.cpp could not load {gguf}: is it a complete GGUF file?")
-        self._ctx = self._new_context(session_len, threads or os.cpu_count() or 1)
+        self._ctx = self._new_context(session_len, threads)
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.weight_bytes = int(llama_cpp.llama_model_size(self._model))
         self._memory = llama_cpp.llama_get_memory(self._ctx)

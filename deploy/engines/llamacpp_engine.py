@@ -17,6 +17,7 @@ from pathlib import Path
 
 from deploy.engines.base import Delta, Engine, EngineActivity, EngineMemory, GenerationParams
 from deploy.engines.chat_format import eos_ids, load_tokenizer
+from deploy.engines.hardware import cpu_threads
 from deploy.engines.sizing import kv_bytes_per_token, llamacpp_kv_cells
 from deploy.engines.token_stream import stream_answer
 
@@ -52,7 +53,8 @@ class LlamaCppEngine(Engine):
                           "tools"})
 
     def __init__(self, model_dir: Path, *, session_len: int = 4096, max_batch_size: int = 8,
-                 chat_template: str | None = None, trust_remote_code: bool = False):
+                 threads: int | None = None, chat_template: str | None = None,
+                 trust_remote_code: bool = False):
         from deploy.engines.llamacpp_batcher import LlamaBatcher
 
         self.gguf = find_gguf(model_dir)
@@ -62,8 +64,9 @@ class LlamaCppEngine(Engine):
         trained = self.model_config.get("max_position_embeddings")
         self.session_len = min(session_len, trained or session_len)
         self.max_batch_size = max_batch_size
+        self.threads, self.threads_from = cpu_threads(threads)
         self._batcher = LlamaBatcher(self.gguf, session_len=self.session_len,
-                                     max_batch_size=max_batch_size,
+                                     max_batch_size=max_batch_size, threads=self.threads,
                                      eos=set(eos_ids(model_dir, self.tokenizer)))
         if self._batcher.vocab < len(self.tokenizer):
             self.close()
@@ -96,6 +99,7 @@ class LlamaCppEngine(Engine):
             notes=["llama.cpp allocates an fp16 KV cache up front: engine.session_len tokens for "
                    "each of engine.max_batch_size sequences, plus one for scoring."],
             settings={"max_batch_size": self.max_batch_size, "gguf": self.gguf.name,
+                      "threads": self.threads, "threads_from": self.threads_from,
                       # what llama.cpp was compiled for: a host's own build may differ from the
                       # kit's portable one (llamacpp_build.py)
                       "llama_cpp_compiled_for": self._batcher.compiled_for,

@@ -136,6 +136,15 @@ class Engine(_Section):
     )
     session_len: int = Field(4096, gt=0, description="Longest prompt + answer, in tokens.")
     max_batch_size: int = Field(8, gt=0, description="Most sequences decoded together.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads of the llama.cpp and transformers engines on a CPU. Default: the "
+        "CPUs this process may use (its CPU affinity and its cgroup's CPU quota, as docker --cpus "
+        "sets). Give each server its share where several share one machine's cores: llama.cpp's "
+        "threads spin while they wait for each other, so two servers with a thread per core each "
+        "slow each other down many times over (docs/cpu-runtimes.md, \"Threads\").",
+    )
     cache_max_entry_count: float | None = Field(
         None,
         gt=0,

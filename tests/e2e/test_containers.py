@@ -24,6 +24,7 @@ import openai
 import pytest
 import yaml
 
+from deploy.engines.hardware import usable_cpus
 from deploy.serve.ports import free_port
 from tests.helpers import in_ci
 
@@ -247,6 +248,10 @@ def test_two_replicas_behind_nginx_survive_one_stopping(engine, tmp_path):
             ).choices[0].message.content
 
         assert "Paris" in ask()
+        # Each replica's engine sized its threads to its share of this host's CPUs (cpus:).
+        settings = httpx.get(f"{url}/memory", timeout=30).json()["settings"]
+        assert settings["threads"] == max(1, int(usable_cpus()[0] / 2 + 0.5)), settings
+        assert "CPU quota" in settings["threads_from"] or usable_cpus()[0] == 1, settings
         replicas[0].stop()  # one replica goes away: nginx sends requests to the other
         assert all("Paris" in ask() for _ in range(4))
     finally:

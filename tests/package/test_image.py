@@ -133,6 +133,19 @@ def test_compose_for_the_cpu_image_uses_nginx_and_no_model_dir_for_the_bundled_m
     assert services["api-1"]["environment"] == ["XLAB_DEPLOY_PORT=7860", "MY_API_KEY"]
     assert services["api-1"]["stop_grace_period"] == "40s"
     assert "server api-2:7860" in files["nginx.conf"] and "proxy_buffering off" in files["nginx.conf"]
+    assert "cpus" not in services["api-1"]  # no host size given: no share
+
+
+def test_cpu_replicas_split_the_host_cpus_and_gpu_replicas_do_not():
+    cpu = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    compose = yaml.safe_load(images.compose_files(cpu, replicas=3, host_cpus=2)["docker-compose.yml"])
+    services = compose["services"]
+    assert [services[f"api-{i}"]["cpus"] for i in (1, 2, 3)] == [0.67, 0.67, 0.67]
+    one = yaml.safe_load(images.compose_files(cpu, replicas=1, host_cpus=2)["docker-compose.yml"])
+    assert "cpus" not in one["services"]["api-1"]  # alone, a replica has the whole machine
+    gpu = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-fp16.yaml")
+    files = images.compose_files(gpu, replicas=2, gpus=2, host_cpus=16)
+    assert "cpus" not in yaml.safe_load(files["docker-compose.yml"])["services"]["api-1"]
 
 
 def test_app_requirements_keep_torch_only_for_the_transformers_engine():
