@@ -249,7 +249,7 @@ def test_two_replicas_behind_nginx_survive_one_stopping(engine, tmp_path):
 
         assert "Paris" in ask()
         # Each replica's engine sized its threads to its share of this host's CPUs (cpus:).
-        settings = httpx.get(f"{url}/memory", timeout=30).json()["settings"]
+        settings = httpx.get(f"{url}/memory", timeout=30).json()["engine"]["settings"]
         assert settings["threads"] == max(1, int(usable_cpus()[0] / 2 + 0.5)), settings
         assert "CPU quota" in settings["threads_from"] or usable_cpus()[0] == 1, settings
         replicas[0].stop()  # one replica goes away: nginx sends requests to the other

@@ -49,6 +49,7 @@ def test_health_and_memory_schema(api_server):
     assert memory["engine"]["backend"] == "llamacpp"  # the default recipe's engine
     assert memory["engine"]["kv_bytes_per_token"] > 0
     assert memory["settings"]["engine"]["session_len"] == 4096
+    assert memory["engine"]["settings"]["threads"] >= 1 and memory["engine"]["settings"]["threads_from"]
     assert memory["settings"]["quantization"] == {"weights": "none", "kv_cache": "none"}
     # The planner's prediction sits beside the measurement: weights within 0.1%.
     predicted = memory["prediction"]["weight_bytes"]
