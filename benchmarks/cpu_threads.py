@@ -3,14 +3,16 @@
 host). Each with as many threads as the machine has CPUs (what the engine ran before it read its
 affinity and quota) and with the CPUs it may use (`engine.threads` unset, or set to its share).
 
-Every server is the kit's engine (LlamaCppEngine, the default F16 GGUF) in a process of its own,
+Every server is the kit's engine (LlamaCppEngine, the default F16 GGUF; with `--engine
+transformers` the transformers engine on the default bf16 weights) in a process of its own,
 asked in-process through Engine.stream_chat. The processes of a setting load, warm up, then start
 together; each answers one story prompt (no early end) to `--tokens`, then eight at once to
 `--tokens` each. Settings alternate within each round. A quota needs root and a writable cgroup
 `cpu` controller (v1 or v2); where there is none those settings are left out and the file says so.
 Writes OUT (JSON) with the CPU's name and flags.
 
-Usage: python -m benchmarks.cpu_threads [--rounds 3] [--tokens 24] [--out docs/data/cpu-threads.json]
+Usage: python -m benchmarks.cpu_threads [--rounds 3] [--tokens 24] [--engine llamacpp|transformers]
+       [--only SETTING ...] [--out docs/data/cpu-threads.json]
 """
 
 from __future__ import annotations
@@ -50,10 +52,16 @@ def worker(spec: dict) -> None:
         os.sched_setaffinity(0, set(spec["pinned"]))
     from benchmarks.cpu_runtimes import LONG, KitRow
     from deploy.builder.sources import bundled_model_dir
-    from deploy.engines.llamacpp_engine import LlamaCppEngine
+    if spec["engine"] == "transformers":
+        from deploy.engines.transformers_engine import TransformersEngine
 
-    engine = LlamaCppEngine(bundled_model_dir("SmolLM2-135M-Instruct", False), session_len=2048,
-                            max_batch_size=8, threads=spec["threads"])
+        engine = TransformersEngine(bundled_model_dir("SmolLM2-135M-Instruct"), session_len=2048,
+                                    max_batch_size=8, threads=spec["threads"])
+    else:
+        from deploy.engines.llamacpp_engine import LlamaCppEngine
+
+        engine = LlamaCppEngine(bundled_model_dir("SmolLM2-135M-Instruct", False), session_len=2048,
+                                max_batch_size=8, threads=spec["threads"])
     row = KitRow(engine)
     prompts = [f"{LONG} Call the dragon {name}." for name in NAMES]
     row.answer(prompts[:1], 4)
@@ -94,6 +102,7 @@ def make_cgroup(cpus: float) -> Path | None:
 def run_setting(name: str, args, cgroups: dict) -> dict:
     servers, threads, pinned, quota = SETTINGS[name]
     spec = {"threads": threads, "pinned": sorted(pinned) if pinned else None, "tokens": args.tokens,
+            "engine": args.engine,
             "cgroup": str(cgroups[quota]) if quota else None}
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_threads", "--worker", json.dumps(spec)],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -117,6 +126,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--only", action="append", help="a setting's name (repeatable)")
+    parser.add_argument("--engine", choices=["llamacpp", "transformers"], default="llamacpp",
+                        help="the engine each server runs (transformers: the default bf16 weights)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("docs/data/cpu-threads.json"))
     args = parser.parse_args()
@@ -139,7 +150,7 @@ def main() -> None:
         for group in cgroups.values():
             if group:
                 group.rmdir()
-    report = {"what": __doc__.splitlines()[0], "cpu": cpu_name(), "cpus": HOST,
+    report = {"what": __doc__.splitlines()[0], "cpu": cpu_name(), "cpus": HOST, "engine": args.engine,
               "tokens": args.tokens, "date": time.strftime("%Y-%m-%d"),
               "left_out": {n: "no writable cgroup cpu controller here (needs root)" for n in left_out},
               "runs": runs}
