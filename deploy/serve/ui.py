@@ -46,6 +46,8 @@ def memory_markdown(report: dict) -> str:
         lines.append(f"**Sessions** {settings['batched_now']} decoding, "
                      f"{settings.get('waiting_now', 0)} waiting, "
                      f"up to {settings['max_batch_size']} together")
+    if settings.get("threads"):
+        lines.append(f"**Threads** {settings['threads']}, from {settings['threads_from']}")
     for gpu in report.get("gpus") or []:
         lines.append(f"**GPU {gpu['index']}** {gpu['name']}: {gpu['used_bytes'] / MIB:,.0f} of "
                      f"{gpu['total_bytes'] / MIB:,.0f} MiB used")

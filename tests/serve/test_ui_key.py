@@ -64,6 +64,7 @@ def test_the_page_asks_for_the_key_then_chats(browser, keyed_ui, recipe):
     page.get_by_role("button", name="Refresh").click()
     page.wait_for_function("() => document.body.innerText.includes('Weights')", timeout=30_000)
     assert "Engine llamacpp on cpu" in page.inner_text("body")  # the memory panel
+    assert "Threads" in page.inner_text("body")  # and the CPU threads it runs, with why
     page.close()
 
 
