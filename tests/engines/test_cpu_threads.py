@@ -1,6 +1,6 @@
 """How many CPU threads the CPU engines run: the CPUs this process may use (affinity, the cgroup's
 CPU quota) unless `engine.threads` says otherwise. With a thread per host CPU, a llama.cpp server
-pinned to one CPU answered at 0.3 tok/s instead of about 57 (docs/data/cpu-threads.json)."""
+pinned to one CPU answered at 0.3 tok/s instead of 44.9-57.0 (docs/data/cpu-threads.json)."""
 
 from __future__ import annotations
 
