@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 from benchmarks._common import cpu_name
@@ -42,7 +44,12 @@ VARIANTS = {"kit flags": "", "kit flags, no mtmd": " -DLLAVA_BUILD=OFF",
             "kit flags + AVX-512": LLAMA_CMAKE_ARGS.removeprefix(BASE) + AVX512,
             # Today's flags with OpenMP threads (needs libgomp at run time), whose barrier can
             # sleep (OMP_WAIT_POLICY) where ggml's own spins (benchmarks/cpu_llama_threads.py).
-            "kit flags + OpenMP": LLAMA_CMAKE_ARGS.removeprefix(BASE) + " -DGGML_OPENMP=ON"}
+            "kit flags + OpenMP": LLAMA_CMAKE_ARGS.removeprefix(BASE) + " -DGGML_OPENMP=ON",
+            # llama.cpp's runtime dispatch: its CPU code compiled once per x86 family, the best
+            # loaded at run time (a lead for AVX-512/BF16 CPUs, docs/cpu-runtimes.md). Measures
+            # what it costs to compile, and which libraries llama-cpp-python puts in its wheel.
+            "kit flags + all CPU variants": LLAMA_CMAKE_ARGS.removeprefix(BASE)
+            + " -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"}
 
 
 def sdist(folder: Path) -> Path:
@@ -51,18 +58,37 @@ def sdist(folder: Path) -> Path:
     return next(folder.glob("llama_cpp_python-*.tar.gz"))
 
 
-def build(source: Path, extra: str, keep: Path | None, tag: str = "variant") -> tuple[float, int]:
+class BuildFailed(Exception):
+    def __init__(self, seconds: float, detail: dict):
+        super().__init__(detail)
+        self.seconds, self.detail = seconds, detail
+
+
+def build_failure(log: str) -> dict:
+    """The last ninja step reached ("[71/126]") and the first compiler errors, from pip's -v log."""
+    steps = re.findall(r"^\s*\[(\d+)/(\d+)\]", log, re.MULTILINE)
+    failed = re.findall(r"^\s*FAILED: (.+)$", log, re.MULTILINE)
+    errors = [line.strip() for line in log.splitlines() if ": error: " in line]
+    return {"last_step": "/".join(steps[-1]) if steps else None, "failed_targets": failed[:3],
+            "first_errors": errors[:4]}
+
+
+def build(source: Path, extra: str, keep: Path | None, tag: str = "variant") -> tuple[float, int, list]:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "CMAKE_ARGS": BASE + extra}
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir",
-                        "-w", out, str(source)], check=True, env=env, capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-cache-dir",
+                               "-w", out, str(source)], env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - started
+        if done.returncode:  # a variant that does not build: how far it got, and the first errors
+            raise BuildFailed(seconds, build_failure(done.stdout + done.stderr))
         wheel = next(Path(out).glob("*.whl"))
         if keep:  # a folder per variant: pip wants a wheel's file name as built
             (keep / tag).mkdir(parents=True, exist_ok=True)
             shutil.copy(wheel, keep / tag / wheel.name)
-        return seconds, wheel.stat().st_size
+        with zipfile.ZipFile(wheel) as z:
+            libs = sorted(Path(n).name for n in z.namelist() if ".so" in Path(n).name)
+        return seconds, wheel.stat().st_size, libs
 
 
 def main() -> None:
@@ -79,12 +105,19 @@ def main() -> None:
         source = sdist(Path(folder))
         for run in range(args.runs):
             for number, (name, extra) in enumerate(variants.items()):
-                seconds, size = build(source, extra, args.keep, f"variant{number}")
+                try:
+                    seconds, size, libs = build(source, extra, args.keep, f"variant{number}")
+                except BuildFailed as failed:
+                    results[name].setdefault("failed", []).append(
+                        {"after_s": round(failed.seconds, 1), **failed.detail})
+                    print(f"run {run + 1} {name}: failed after {failed.seconds:.1f} s: {failed.detail}",
+                          flush=True)
+                    continue
                 results[name]["seconds"].append(round(seconds, 1))
-                results[name]["wheel_bytes"] = size
+                results[name]["wheel_bytes"], results[name]["wheel_libraries"] = size, libs
                 print(f"run {run + 1} {name}: {seconds:.1f} s, wheel {size / 1e6:.1f} MB", flush=True)
     for entry in results.values():
-        entry["median_s"] = statistics.median(entry["seconds"])
+        entry["median_s"] = statistics.median(entry["seconds"]) if entry["seconds"] else None
     report = {"what": f"pip wheel of llama-cpp-python {VERSION} from source, no pip cache",
               "cmake_args": BASE, "variants": variants, "cpu": cpu_name(),
               "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": results}
