@@ -163,12 +163,11 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
 
         out.mkdir(parents=True, exist_ok=True)
         host_cpus = usable_cpus()[0]
-        files = images.compose_files(loaded, replicas, host_cpus=host_cpus)
-        for name, text in files.items():
+        for name, text in images.compose_files(loaded, replicas, host_cpus=host_cpus).items():
             (out / name).write_text(text)
-        if "cpus:" in files["docker-compose.yml"]:
-            print(f"each replica gets a {host_cpus / replicas:.2f}-CPU share of this machine's "
-                  f"{host_cpus} (cpus:), so their engines' threads do not contend for cores")
+        if share := images.cpu_share(loaded, replicas, host_cpus):
+            print(f"each replica gets a {share:.2f}-CPU share of this machine's {host_cpus} (cpus:), "
+                  "so their engines' threads do not contend for cores")
         model = "MODEL_DIR=/path/to/built/model " if images.needs_weights(loaded) else ""
         print(f"wrote {out / 'docker-compose.yml'}; start it with: {model}"
               f"{images.compose_command()} -f {out / 'docker-compose.yml'} up -d")

@@ -382,6 +382,14 @@ def _environment(recipe: Recipe) -> dict[str, str]:
 PROXY_PORT = 8000
 
 
+def cpu_share(recipe: Recipe, replicas: int, host_cpus: int | None) -> float | None:
+    """Each CPU replica's equal share of `host_cpus` (compose's `cpus:`); None for one replica, a
+    GPU image or an unknown host."""
+    if not host_cpus or replicas < 2 or image_kind(recipe) == "gpu":
+        return None
+    return round(host_cpus / replicas, 2)
+
+
 def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None,
                   host_cpus: int | None = None) -> dict[str, str]:
     """A compose file (and, for the CPU image, nginx's config) for N API replicas behind one
@@ -394,7 +402,7 @@ def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None,
     a thread each (docs/cpu-runtimes.md, "Threads")."""
     inner = container_port(recipe)
     gpu = image_kind(recipe) == "gpu"
-    share = round(host_cpus / replicas, 2) if host_cpus and replicas > 1 and not gpu else None
+    share = cpu_share(recipe, replicas, host_cpus)
     names = [f"api-{i + 1}" for i in range(replicas)]
     services: dict = {}
     for i, name in enumerate(names):
