@@ -70,23 +70,56 @@ def build(recipe: Path, dry_run: bool, overwrite: bool) -> int:
     return 0
 
 
-def plan(recipe: Path, gpu: str | None, sessions: int | None, disk_mb_s: float, as_json: bool) -> int:
-    """Predict from config.json alone whether the recipe fits a GPU, with what KV budget, and how
+def plan(recipe: Path, gpu: str | None, ram: str | None, sessions: int | None, disk_mb_s: float,
+         as_json: bool) -> int:
+    """Predict from config.json alone whether the recipe fits: a GPU, with what KV budget, or, for an
+    engine on the CPU (llama.cpp; transformers without a GPU here), this machine's memory; and how
     long a server takes to become ready (the probes of `image stack` and `image chart` allow for it)."""
     from deploy.builder.sources import model_config
-    from deploy.capacity.planner import plan as make_plan
-    from deploy.capacity.planner import render
     from deploy.capacity.startup import predict_start, render_start
 
     loaded = _load(recipe, gpu)
     config = model_config(loaded)
-    result = make_plan(loaded, config, gpu, sessions)
+    result, text = _cpu_plan(loaded, config, gpu, ram, sessions) or _gpu_plan(loaded, config, gpu, sessions)
     start = predict_start(loaded, config, disk_mb_s)
     if as_json:
         print(json.dumps({**result.as_dict(), "start": start.as_dict()}, indent=2))
     else:
-        print(render(loaded, result) + "\n" + render_start(start))
+        print(text + "\n" + render_start(start))
     return 0 if result.fits else 3
+
+
+def _gpu_plan(recipe, config: dict, gpu: str | None, sessions: int | None):
+    from deploy.capacity.planner import plan as make_plan
+    from deploy.capacity.planner import render
+
+    result = make_plan(recipe, config, gpu, sessions)
+    return result, render(recipe, result)
+
+
+def _cpu_plan(recipe, config: dict, gpu: str | None, ram: str | None, sessions: int | None):
+    """The RAM plan, for a recipe whose engine runs on the CPU (or any recipe given --ram)."""
+    from deploy.builder.manifest import local_gguf
+    from deploy.capacity.ram_planner import is_cpu_recipe, parse_ram, plan_ram, render_ram
+    from deploy.engines.hardware import usable_ram, visible_gpus
+
+    on_cpu = is_cpu_recipe(recipe, gpu_here=gpu is not None or visible_gpus() > 0)
+    if recipe.engine.backend == "llamacpp" and gpu is not None:
+        raise RecipeError("engine.backend llamacpp runs on the CPU, so --gpu does not apply to this "
+                          "recipe: leave it out, or give --ram to plan for another machine's memory.")
+    if not on_cpu and ram is None:
+        return None
+    if not on_cpu and recipe.engine.backend != "transformers":
+        raise RecipeError(f"--ram plans an engine on the CPU; engine.backend {recipe.engine.backend} "
+                          "runs on a GPU: use --gpu.")
+    if ram is not None:
+        machine = parse_ram(ram)
+    else:
+        total, why = usable_ram()
+        machine = (f"this machine, {why}", total)
+    gguf = local_gguf(recipe) if recipe.engine.backend == "llamacpp" else None
+    result = plan_ram(recipe, config, machine, gguf, sessions)
+    return result, render_ram(recipe, result)
 
 
 def bench(recipe: Path, tasks: Path | None, settings: str | None, out: Path, profile: str | None,
@@ -294,7 +327,9 @@ def _measure_verbs(verbs) -> None:
     p = verbs.add_parser("plan", help=plan.__doc__, description=plan.__doc__ + " Exit 3 when the "
                          "weights do not fit.")
     flags.recipe(p)
-    flags.gpu(p, "H100")
+    flags.gpu(p, "H100 for an engine on a GPU")
+    p.add_argument("--ram", help="the memory to fit, for an engine on the CPU: a size like 16GiB or "
+                   "512MiB (default: this machine's RAM, or its cgroup's memory limit where lower)")
     flags.sessions(p)
     flags.disk(p)
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")

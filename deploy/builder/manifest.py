@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+from deploy import home
 from deploy.builder.sources import model_dir
 from deploy.engines import HQQ_MARKER
 from deploy.errors import KitError
@@ -154,3 +155,23 @@ def check_gate(recipe: Recipe, *, force: bool = False) -> None:
         f"{fix}. To serve them anyway, pass --force, or set quantization.verify.enabled: false in "
         "the recipe to switch the gate off."
     )
+
+
+def local_gguf(recipe: Recipe) -> Path | None:
+    """The GGUF a llama.cpp server of this recipe would load, where it is already on this machine
+    (built, fetched, or the bundled model's F16); None otherwise. Fetches and builds nothing, so
+    the planner can read the file's size offline."""
+    if recipe.quantization.weights != "none" or recipe.model.adapter:
+        steps = read_manifest(recipe)["steps"]
+        folders = [steps.get(name, {}).get("outputs", {}).get("model_dir") for name in ("quantize", "merge")]
+    elif recipe.model.source == "bundled":
+        folders = [home.bundled_model_dir(recipe.model.bundled_name)]
+    elif recipe.model.source == "local":
+        folders = [recipe.resolve(recipe.model.path)]
+    else:
+        folders = []
+    for folder in folders:
+        found = sorted(Path(folder).glob("*.gguf")) if folder and Path(folder).is_dir() else []
+        if len(found) == 1:  # the engine refuses a folder of several (llamacpp_engine.find_gguf)
+            return found[0]
+    return None

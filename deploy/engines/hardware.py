@@ -1,4 +1,4 @@
-"""What this machine offers the engines: the CPUs this process may use, LMDeploy installed or not,
+"""What this machine offers the engines: the CPUs and memory this process may use, LMDeploy installed or not,
 CUDA GPUs, and NVML's view of GPU memory (the memory report and LMDeploy's environment-check key
 read it)."""
 
@@ -99,18 +99,47 @@ def cgroup_cpu_quota(cgroup: Path = Path("/sys/fs/cgroup"),
     return min(quotas) if quotas else None
 
 
-def _cgroup_folders(cgroup: Path, membership: Path) -> list[tuple[Path, bool]]:
-    """This process's cgroup folders with the CPU controller, and their parents up to the mount."""
+def usable_ram(cgroup: Path = Path("/sys/fs/cgroup"),
+               membership: Path = Path("/proc/self/cgroup")) -> tuple[int, str]:
+    """How much memory this process's machine offers it, and what limited it: the RAM, or its
+    cgroup's memory limit (`docker run --memory`, compose `mem_limit`, a swarm service's
+    `limits.memory`), whichever is lower. The kernel kills a process past the limit, whatever
+    the RAM."""
+    total = psutil.virtual_memory().total
+    limit = cgroup_memory_limit(cgroup, membership)
+    if limit is not None and limit < total:
+        return limit, "its cgroup's memory limit"
+    return total, "its RAM"
+
+
+def cgroup_memory_limit(cgroup: Path = Path("/sys/fs/cgroup"),
+                        membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The lowest memory limit in bytes on this process's cgroup and its parents; None where there
+    is none. cgroup v2: `memory.max` ("max" is none); v1: `memory.limit_in_bytes`, where "none" is
+    written as a number near 2**63."""
+    limits = []
+    for folder, v2 in _cgroup_folders(cgroup, membership, "memory"):
+        with contextlib.suppress(OSError, ValueError):
+            text = (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).read_text().strip()
+            if text != "max" and 0 < int(text) < 2**62:
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def _cgroup_folders(cgroup: Path, membership: Path,
+                    controller: str = "cpu") -> list[tuple[Path, bool]]:
+    """This process's cgroup folders with `controller` (cgroup v1's hierarchy of that name, or v2's
+    unified one), and their parents up to the mount."""
     own = {}  # "v2" or "v1" -> path inside the hierarchy
     with contextlib.suppress(OSError):
         for line in membership.read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             if controllers == "":
                 own["v2"] = path
-            elif "cpu" in controllers.split(","):
+            elif controller in controllers.split(","):
                 own["v1"] = path
     folders = []
-    for v2, root in ((True, cgroup), (False, cgroup / "cpu")):
+    for v2, root in ((True, cgroup), (False, cgroup / controller)):
         path = Path(own.get("v2" if v2 else "v1", "/"))
         for part in (path, *path.parents):
             folder = root / str(part).lstrip("/")

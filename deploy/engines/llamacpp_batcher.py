@@ -29,6 +29,7 @@ from deploy.engines.llamacpp_build import batch_variance_warning, compiled_featu
 from deploy.engines.model_thread import ModelThread
 from deploy.engines.np_sampling import generator_for, pick
 from deploy.engines.requests import END, Request
+from deploy.engines.sizing import LLAMACPP_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class LlamaCppError(RuntimeError):
 
 class LlamaBatcher(ModelThread):
     def __init__(self, gguf: Path, *, session_len: int, max_batch_size: int, eos: set[int],
-                 threads: int, chunk: int = 256):
+                 threads: int, chunk: int = LLAMACPP_CHUNK):
         super().__init__("llama.cpp")
         import llama_cpp
         import llama_cpp._logger as llama_log  # routes llama.cpp's log lines; quiet by default

@@ -39,6 +39,15 @@ DTYPE_BYTES = {"auto": 2, "float16": 2, "bfloat16": 2, "float32": 4}
 GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}
 
 
+LLAMACPP_CHUNK = 256  # prompt tokens llama.cpp's engine prefills in one step beside its decode rows
+
+
+def llamacpp_batch_tokens(max_batch_size: int) -> int:
+    """Tokens in one llama_decode of the engine (llamacpp_batcher.py): a decode row per sequence
+    plus a chunk of prompt. llama.cpp sizes its compute buffer for this many."""
+    return LLAMACPP_CHUNK + max_batch_size
+
+
 def llamacpp_kv_cells(session_len: int, max_batch_size: int) -> int:
     """Tokens of fp16 KV cache llama.cpp allocates when it starts: session_len for each of
     max_batch_size sequences, plus one sequence kept for scoring (llamacpp_batcher.py)."""

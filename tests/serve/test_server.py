@@ -51,10 +51,16 @@ def test_health_and_memory_schema(api_server):
     assert memory["settings"]["engine"]["session_len"] == 4096
     assert memory["engine"]["settings"]["threads"] >= 1 and memory["engine"]["settings"]["threads_from"]
     assert memory["settings"]["quantization"] == {"weights": "none", "kv_cache": "none"}
-    # The planner's prediction sits beside the measurement: weights within 0.1%.
-    predicted = memory["prediction"]["weight_bytes"]
-    assert abs(predicted - memory["engine"]["weight_bytes"]) / predicted < 0.001
-    assert memory["prediction"]["kv_bytes_per_token"] == memory["engine"]["kv_bytes_per_token"]
+    # The RAM planner's prediction sits beside the measurement: the weights are the GGUF file's size,
+    # llama.cpp's tensors and the file's metadata (within 1%); the resident set is compared in a
+    # server process of its own (tests/capacity/test_ram_planner.py), not in this test process.
+    prediction = memory["prediction"]
+    assert prediction["device"] == "cpu" and prediction["fits"]
+    weights = prediction["weight_bytes"]
+    assert abs(weights - memory["engine"]["weight_bytes"]) / weights < 0.01
+    assert prediction["kv_bytes_per_token"] == memory["engine"]["kv_bytes_per_token"]
+    assert prediction["kv_cache_bytes"] == memory["engine"]["kv_cache_bytes"]
+    assert prediction["rss_bytes"] > prediction["weight_bytes"] + prediction["kv_cache_bytes"]
 
 
 @pytest.mark.parametrize("body,param", [
