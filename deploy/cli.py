@@ -196,11 +196,14 @@ def image(action: str, recipe: Path, out: Path | None, port: int | None, replica
 
         out.mkdir(parents=True, exist_ok=True)
         host_cpus = usable_cpus()[0]
-        for name, text in images.compose_files(loaded, replicas, host_cpus=host_cpus).items():
+        memory = _replica_memory(loaded)
+        for name, text in images.compose_files(loaded, replicas, host_cpus=host_cpus,
+                                               memory=memory).items():
             (out / name).write_text(text)
         if share := images.cpu_share(loaded, replicas, host_cpus):
             print(f"each replica gets a {share:.2f}-CPU share of this machine's {host_cpus} (cpus:), "
                   "so their engines' threads do not contend for cores")
+        _say_memory(memory, "mem_reservation, mem_limit")
         model = "MODEL_DIR=/path/to/built/model " if images.needs_weights(loaded) else ""
         print(f"wrote {out / 'docker-compose.yml'}; start it with: {model}"
               f"{images.compose_command()} -f {out / 'docker-compose.yml'} up -d")
@@ -221,18 +224,21 @@ def _scale_out(action: str, recipe, out: Path, replicas: int, disk_mb_s: float) 
     from deploy.capacity.startup import predict_start
 
     start = predict_start(recipe, model_config(recipe), disk_mb_s)
+    memory = _replica_memory(recipe)
     if action == "chart":
         from deploy.package.chart import write_chart
 
-        write_chart(recipe, out, replicas, start)
+        write_chart(recipe, out, replicas, start, memory)
+        _say_memory(memory, "resources.requests.memory, resources.limits.memory")
         print(f"chart: {out} (startup probe allows {start.probe_grace_s} s; predicted ready after "
               f"{start.total_s:.0f} s). Install it with: helm install {recipe.name.lower()} {out}")
         return 0
     from deploy.package.stack import deploy_commands, stack_files
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in stack_files(recipe, replicas, start).items():
+    for name, text in stack_files(recipe, replicas, start, memory).items():
         (out / name).write_text(text)
+    _say_memory(memory, "deploy.resources.reservations.memory, limits.memory")
     steps = "\n".join(f"  {step}" for step in deploy_commands(str(out / "stack.yml"), recipe))
     print(f"wrote {out / 'stack.yml'} and {out / 'nginx.conf'} (healthcheck start period "
           f"{start.probe_grace_s} s; predicted ready after {start.total_s:.0f} s).\n"
@@ -240,6 +246,29 @@ def _scale_out(action: str, recipe, out: Path, replicas: int, disk_mb_s: float) 
           "prints. Every node needs the image (build it there, or push it to your registry). Then, "
           f"on a manager:\n{steps}\nThe API answers on port 8000 of every node.")
     return 0
+
+
+def _replica_memory(recipe) -> tuple[int, int] | None:
+    """A CPU replica's (reservation, limit) in MiB from `deploy plan`'s resident set; None for a
+    GPU image, whose GPU memory is what its plan sizes."""
+    from deploy.package.image import image_kind, replica_memory
+
+    if image_kind(recipe) == "gpu":
+        return None
+    from deploy.builder.manifest import local_gguf
+    from deploy.builder.sources import model_config
+    from deploy.capacity.ram_planner import plan_ram
+    from deploy.engines.hardware import usable_ram
+
+    gguf = local_gguf(recipe) if recipe.engine.backend == "llamacpp" else None
+    plan = plan_ram(recipe, model_config(recipe), ("this machine", usable_ram()[0]), gguf)
+    return replica_memory(plan.rss_bytes)
+
+
+def _say_memory(memory: tuple[int, int] | None, keys: str) -> None:
+    if memory:
+        print(f"each replica reserves {memory[0]} MiB and is limited to {memory[1]} MiB ({keys}): "
+              "`deploy plan`'s resident set for the recipe, and a 1.5x margin")
 
 
 def app(recipe: Path, out: Path, force: bool) -> int:

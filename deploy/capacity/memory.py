@@ -62,5 +62,5 @@ def _ram_prediction(engine: Engine, recipe: Recipe) -> dict:
     p = plan_ram(recipe, engine.model_config, (f"this machine, {why}", total),
                  getattr(engine, "gguf", None))
     keys = ("base_bytes", "weight_bytes", "kv_bytes_per_token", "kv_cache_bytes", "working_bytes",
-            "rss_bytes", "sessions_that_fit", "ram_bytes", "fits")
+            "rss_bytes", "sessions_that_fit", "machine", "ram_bytes", "fits")
     return {"device": "cpu", **{k: getattr(p, k) for k in keys}}

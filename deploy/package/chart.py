@@ -30,7 +30,18 @@ def chart_name(recipe: Recipe) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", recipe.name.lower()).strip("-")[:53] or "assistant"
 
 
-def chart_values(recipe: Recipe, replicas: int, start: StartPrediction) -> dict:
+def _resources(recipe: Recipe, memory: tuple[int, int] | None) -> dict:
+    """A CPU pod requests the memory `deploy plan` predicts and is limited to image.replica_memory's
+    margin over it; a GPU pod's host memory is not planned (its GPU memory is)."""
+    if image_kind(recipe) == "gpu":
+        return {"requests": {"cpu": "4", "memory": "32Gi"}}
+    if memory is None:
+        return {"requests": {"cpu": "1", "memory": "2Gi"}}
+    return {"requests": {"cpu": "1", "memory": f"{memory[0]}Mi"}, "limits": {"memory": f"{memory[1]}Mi"}}
+
+
+def chart_values(recipe: Recipe, replicas: int, start: StartPrediction,
+                 memory: tuple[int, int] | None = None) -> dict:
     repository, _, tag = image_tag(recipe).rpartition(":")
     return {
         "image": {"repository": repository, "tag": tag or "latest", "pullPolicy": "IfNotPresent"},
@@ -38,8 +49,7 @@ def chart_values(recipe: Recipe, replicas: int, start: StartPrediction) -> dict:
         "port": container_port(recipe),
         "model": recipe.name,
         "gpu": 1 if image_kind(recipe) == "gpu" else 0,
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}} if image_kind(recipe) == "cpu"
-        else {"requests": {"cpu": "4", "memory": "32Gi"}},
+        "resources": _resources(recipe, memory),
         "apiKey": {"envName": recipe.serve.api_key_env or "", "secretName": "", "secretKey": "api-key"},
         # mount: a PersistentVolumeClaim that holds the built model folder (name it here).
         "weights": {"existingClaim": "",
@@ -54,7 +64,8 @@ def chart_values(recipe: Recipe, replicas: int, start: StartPrediction) -> dict:
     }
 
 
-def write_chart(recipe: Recipe, out: Path, replicas: int, start: StartPrediction) -> Path:
+def write_chart(recipe: Recipe, out: Path, replicas: int, start: StartPrediction,
+                memory: tuple[int, int] | None = None) -> Path:
     """The chart at `out` (replaced if present), named for the recipe, with its values."""
     if out.exists():
         shutil.rmtree(out)
@@ -62,7 +73,7 @@ def write_chart(recipe: Recipe, out: Path, replicas: int, start: StartPrediction
     meta = yaml.safe_load((out / "Chart.yaml").read_text())
     meta.update(name=chart_name(recipe), description=f"{recipe.name}: {meta['description']}")
     (out / "Chart.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-    values = chart_values(recipe, replicas, start)
+    values = chart_values(recipe, replicas, start, memory)
     note = (f"# Values for {recipe.name}, written by `python -m deploy image chart`; the startup "
             f"probe allows {start.probe_grace_s} s (predicted ready after {start.total_s:.0f} s).\n")
     (out / "values.yaml").write_text(note + yaml.safe_dump(values, sort_keys=False))

@@ -10,6 +10,7 @@ Secrets are passed to `docker run` by environment-variable name only.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import re
 import shutil
@@ -390,8 +391,25 @@ def cpu_share(recipe: Recipe, replicas: int, host_cpus: int | None) -> float | N
     return round(host_cpus / replicas, 2)
 
 
+MIB = 2**20
+# A CPU replica's memory limit over its planned resident set: llama.cpp servers measured within 1.1%
+# of the plan, transformers below it (docs/planner.md, "On a CPU"); the rest is room for what the
+# plan does not count (a container's own processes, a larger prompt batch).
+MEMORY_LIMIT_FACTOR = 1.5
+
+
+def replica_memory(planned_rss: int | None) -> tuple[int, int] | None:
+    """A CPU replica's (reservation, limit) in MiB from `deploy plan`'s resident set, in whole 64
+    MiB: swarm and Kubernetes place a replica only where its reservation is free, and the kernel
+    stops one past its limit instead of letting it take the machine's memory from the others."""
+    if not planned_rss:
+        return None
+    reserve = math.ceil(planned_rss / MIB / 64) * 64
+    return reserve, math.ceil(reserve * MEMORY_LIMIT_FACTOR / 64) * 64
+
+
 def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None,
-                  host_cpus: int | None = None) -> dict[str, str]:
+                  host_cpus: int | None = None, memory: tuple[int, int] | None = None) -> dict[str, str]:
     """A compose file (and, for the CPU image, nginx's config) for N API replicas behind one
     proxy on 127.0.0.1:8000: nginx for the CPU image, LMDeploy's own proxy for the GPU image (one GPU
     per replica, round-robin over `gpus`). Keys are file names to write side by side.
@@ -399,7 +417,8 @@ def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None,
     CPU replicas share this host's `host_cpus`: each gets an equal CPU quota (`cpus`), which its
     engine reads to size its threads. Without it every replica runs a thread per host CPU: two
     llama.cpp servers on 2 cores, eight streams each, gave 26-30 tok/s in all against 134-145 with
-    a thread each (docs/cpu-runtimes.md, "Threads")."""
+    a thread each (docs/cpu-runtimes.md, "Threads"). `memory`: each CPU replica's (reservation,
+    limit) in MiB (`replica_memory`)."""
     inner = container_port(recipe)
     gpu = image_kind(recipe) == "gpu"
     share = cpu_share(recipe, replicas, host_cpus)
@@ -418,6 +437,8 @@ def compose_files(recipe: Recipe, replicas: int, gpus: int | None = None,
         }
         if share:
             service["cpus"] = share
+        if memory and not gpu:
+            service["mem_reservation"], service["mem_limit"] = (f"{m}m" for m in memory)
         if needs_weights(recipe):
             service["volumes"] = [f"${{MODEL_DIR:?set MODEL_DIR to the built model folder}}:"
                                   f"{CONTAINER_MODELS}/{recipe.name}:ro"]

@@ -3,7 +3,8 @@
 - `model`: the kit's image, N replicas spread one per node, restarted on any exit, updated by
   starting the new task before stopping the old, given the server's 30 s drain on stop, and
   health-checked on /health/ready with a start period from the predicted start
-  (deploy/capacity/startup.py). GPU images reserve one GPU each as a swarm generic resource.
+  (deploy/capacity/startup.py). GPU images reserve one GPU each as a swarm generic resource; CPU
+  images reserve the memory `deploy plan` predicts (deploy/capacity/ram_planner.py), with a limit.
 - `proxy`: nginx on every node (global), publishing the API on port 8000 in host mode. It finds the
   replicas through Docker's DNS (`tasks.model`, re-read every 2 s), not through swarm's virtual IP
   and routing mesh, which need IPVS (absent on some kernels; these machines have none): so the
@@ -34,11 +35,13 @@ from deploy.recipe import Recipe
 SECRET = "xlab_api_key"
 
 
-def stack_files(recipe: Recipe, replicas: int, start: StartPrediction) -> dict[str, str]:
-    """stack.yml and nginx.conf, to write side by side."""
+def stack_files(recipe: Recipe, replicas: int, start: StartPrediction,
+                memory: tuple[int, int] | None = None) -> dict[str, str]:
+    """stack.yml and nginx.conf, to write side by side. `memory`: a CPU replica's (reservation,
+    limit) in MiB (image.replica_memory)."""
     config = {
         "version": "3.8",
-        "services": {"model": model_service(recipe, replicas, start), "proxy": proxy_service()},
+        "services": {"model": model_service(recipe, replicas, start, memory), "proxy": proxy_service()},
         "networks": {"kit": {"driver": "overlay", "attachable": True}},
         "configs": {"nginx_conf": {"file": "./nginx.conf"}},
     }
@@ -48,7 +51,8 @@ def stack_files(recipe: Recipe, replicas: int, start: StartPrediction) -> dict[s
             "nginx.conf": proxy_conf("model", container_port(recipe))}
 
 
-def model_service(recipe: Recipe, replicas: int, start: StartPrediction) -> dict:
+def model_service(recipe: Recipe, replicas: int, start: StartPrediction,
+                  memory: tuple[int, int] | None = None) -> dict:
     gpu = image_kind(recipe) == "gpu"
     python = "python3" if gpu else "python"
     env = {"XLAB_DEPLOY_PORT": str(container_port(recipe)),
@@ -87,6 +91,10 @@ def model_service(recipe: Recipe, replicas: int, start: StartPrediction) -> dict
         # Nodes advertise their GPUs in daemon.json ("node-generic-resources": ["NVIDIA-GPU=GPU-..."]).
         service["deploy"]["resources"] = {"reservations": {"generic_resources": [
             {"discrete_resource_spec": {"kind": "NVIDIA-GPU", "value": 1}}]}}
+    elif memory:
+        # Swarm places a replica only on a node with its reservation unreserved.
+        service["deploy"]["resources"] = {"reservations": {"memory": f"{memory[0]}M"},
+                                          "limits": {"memory": f"{memory[1]}M"}}
     return service
 
 

@@ -249,9 +249,16 @@ def test_two_replicas_behind_nginx_survive_one_stopping(engine, tmp_path):
 
         assert "Paris" in ask()
         # Each replica's engine sized its threads to its share of this host's CPUs (cpus:).
-        settings = httpx.get(f"{url}/memory", timeout=30).json()["engine"]["settings"]
+        memory = httpx.get(f"{url}/memory", timeout=30).json()
+        settings = memory["engine"]["settings"]
         assert settings["threads"] == max(1, int(usable_cpus()[0] / 2 + 0.5)), settings
         assert "CPU quota" in settings["threads_from"] or usable_cpus()[0] == 1, settings
+        # ... and planned against its memory limit (mem_limit), which its resident set is well under.
+        limit = yaml.safe_load((out / "docker-compose.yml").read_text())["services"]["api-1"]["mem_limit"]
+        prediction = memory["prediction"]
+        assert prediction["ram_bytes"] == int(limit.removesuffix("m")) * 2**20, (limit, prediction)
+        assert "memory limit" in prediction["machine"] and prediction["fits"]
+        assert memory["process"]["rss_bytes"] < prediction["ram_bytes"] / 1.4
         replicas[0].stop()  # one replica goes away: nginx sends requests to the other
         assert all("Paris" in ask() for _ in range(4))
     finally:

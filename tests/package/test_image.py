@@ -173,3 +173,16 @@ def test_a_gguf_is_the_weights_of_a_local_llamacpp_model_folder(tmp_path):
     assert model_dir(parse_recipe({**local, "engine": {"backend": "llamacpp"}})) == folder
     with pytest.raises(ModelSourceError, match=r"lacks weights \(\*\.safetensors"):
         model_dir(parse_recipe({**local, "engine": {"backend": "transformers"}}))
+
+
+def test_cpu_replicas_reserve_and_are_limited_to_their_planned_memory():
+    """`deploy plan`'s resident set, in whole 64 MiB, and a 1.5x limit (image.replica_memory)."""
+    assert images.replica_memory(int(1.24 * 2**30)) == (1280, 1920)
+    assert images.replica_memory(64 * 2**20) == (64, 128) and images.replica_memory(None) is None
+    cpu = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
+    files = images.compose_files(cpu, replicas=2, host_cpus=2, memory=(1280, 1920))
+    service = yaml.safe_load(files["docker-compose.yml"])["services"]["api-1"]
+    assert (service["mem_reservation"], service["mem_limit"]) == ("1280m", "1920m")
+    gpu = load_recipe(ROOT / "recipes" / "internlm2-chat-7b-fp16.yaml")
+    files = images.compose_files(gpu, replicas=2, gpus=2, memory=(1280, 1920))
+    assert "mem_limit" not in yaml.safe_load(files["docker-compose.yml"])["services"]["api-1"]

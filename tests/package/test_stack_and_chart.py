@@ -57,8 +57,23 @@ def test_the_cpu_stack_spreads_replicas_and_probes_readiness_for_the_predicted_s
     grace = predict_start(recipe, model_config(recipe)).probe_grace_s
     assert model["healthcheck"]["start_period"] in (f"{grace}s", f"{grace // 60}m0s", f"{grace}s0ms")
     assert proxy["deploy"]["mode"] == "global" and proxy["ports"][0]["mode"] == "host"
+    # Swarm places a replica only where the memory `deploy plan` predicts is free; 1.5x is its limit.
+    reserve, limit = _planned_memory(recipe)
+    assert deploy["resources"] == {"reservations": {"memory": str(reserve * 2**20)},
+                                   "limits": {"memory": str(limit * 2**20)}}
+    assert f"reserves {reserve} MiB and is limited to {limit} MiB" in run.stdout
     conf = (tmp_path / "nginx.conf").read_text()
     assert "resolver 127.0.0.11" in conf and "tasks.model" in conf and "proxy_next_upstream error" in conf
+
+
+def _planned_memory(recipe) -> tuple[int, int]:
+    from deploy.builder.manifest import local_gguf
+    from deploy.builder.sources import model_config
+    from deploy.capacity.ram_planner import plan_ram
+    from deploy.package.image import replica_memory
+
+    plan = plan_ram(recipe, model_config(recipe), ("any", 2**40), local_gguf(recipe))
+    return replica_memory(plan.rss_bytes)
 
 
 def test_the_gpu_stack_reserves_a_gpu_and_keeps_the_key_out_of_the_file(tmp_path, monkeypatch):
@@ -125,6 +140,19 @@ def test_the_chart_lints_renders_and_validates_against_kubernetes_schemas(chart,
     from deploy.serve.metrics import ServerMetrics
 
     assert b"xlab_requests_waiting" in ServerMetrics("x", {}).render(None, None)
+
+
+def test_the_cpu_chart_requests_the_planned_memory(tmp_path):
+    import kubernetes_validate
+
+    run = kit("image", "chart", str(CPU), "--replicas", "2", "--out", str(tmp_path / "cpu"))
+    assert run.returncode == 0, run.stderr
+    server = next(d for d in rendered(tmp_path / "cpu") if d["kind"] == "Deployment")
+    kubernetes_validate.validate(server, "1.30", strict=True)
+    reserve, limit = _planned_memory(load_recipe(CPU))
+    resources = server["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"cpu": "1", "memory": f"{reserve}Mi"},
+                         "limits": {"memory": f"{limit}Mi"}}
 
 
 def test_a_broken_values_file_is_rejected(chart):
