@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from deploy.atomic import atomic_dir, atomic_file, copy_model_files
+from deploy.engines.hardware import usable_cpus
 
 # quantization.weights -> llama.cpp's file type name (LLAMA_FTYPE_MOSTLY_*)
 GGUF_TYPES = {"none": "F16", "q8_0": "Q8_0", "q4_1": "Q4_1"}
@@ -33,7 +33,9 @@ def write_gguf(source: Path, target: Path, weights: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{GGUF_TYPES[weights]}")
     params.allow_requantize = True  # the source may itself be quantized (the bundled Q4_1)
-    params.nthread = os.cpu_count() or 1
+    # the CPUs this build may use, not the host's: under a 1-CPU quota a thread per host CPU made
+    # the Q8_0 write slower (docs/data/gguf-quantize-threads.json)
+    params.nthread = usable_cpus()[0]
     with atomic_file(target) as tmp:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
         if status != 0 or not tmp.stat().st_size:
