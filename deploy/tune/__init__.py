@@ -8,12 +8,9 @@ benchmark's worker within a budget (measure.py) -> the quality floor and the goa
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 from deploy.recipe import Recipe, RecipeError
 from deploy.tune.candidates import Target, Verdict, enumerate_candidates, judge
@@ -43,7 +40,7 @@ def machine_target(gpu: str | None, plan_only: bool) -> tuple[Target, str]:
     """The target to fit, and the machine that measures (a description, for the report)."""
     from deploy.bench.runner import has_gpu
     from deploy.capacity.planner import parse_gpu
-    from deploy.engines.hardware import cpu_machine, gpu_report
+    from deploy.engines.hardware import cpu_machine, gpu_report, usable_cpus, usable_ram
 
     card = gpu_report()["gpus"][0] if has_gpu() else None  # the GPU that measures, if any
     if gpu is not None and card is None and not plan_only:
@@ -54,8 +51,9 @@ def machine_target(gpu: str | None, plan_only: bool) -> tuple[Target, str]:
     elif card is not None:
         target = Target("gpu", card["name"], card["total_bytes"])
     else:
-        target = Target("cpu", f"this CPU machine ({os.cpu_count()} cores)",
-                        psutil.virtual_memory().total)
+        cpus, _ = usable_cpus()
+        ram, why = usable_ram()
+        target = Target("cpu", f"this CPU machine ({cpus} CPU{'s' if cpus > 1 else ''}, {why})", ram)
     machine = (f"{card['name']} ({card['total_bytes'] / 2**30:.0f} GiB)" if card is not None
                else cpu_machine())
     return target, machine

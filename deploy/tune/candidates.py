@@ -5,23 +5,24 @@ GPU the planner (deploy/capacity/planner.py) decides whether it fits the target 
 sessions asked for. On a CPU the recipe's CPU engine runs: llama.cpp (a recipe with engine.backend
 llamacpp: F16, q8_0 and q4_1 GGUFs, an fp16 KV cache reserved up front for every sequence) or
 transformers (HQQ 4-bit weights by group size, an unquantized KV cache that grows per request); the
-check is the weights plus every session's full KV against the RAM.
+check is `deploy plan`'s resident set for the candidate's server against the RAM
+(deploy/capacity/ram_planner.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from deploy.capacity.planner import GIB, plan
+from deploy.capacity.ram_planner import HEADROOM, plan_ram
 from deploy.engines.formats import capability_for, fastest_weights
-from deploy.engines.sizing import DTYPE_BYTES, kv_bytes_per_token, llamacpp_kv_cells, weight_bytes
+from deploy.engines.sizing import kv_bytes_per_token
 from deploy.recipe import Recipe, parse_recipe
 
 # Room the planner's prediction must leave on the target card. Measured on the H100 (TurboMind,
 # random Llama-2-7B shapes, fixed KV budgets, docs/data/tune-h100/): fp16 weights used within
 # 0.2 GiB of the prediction, AWQ weights 0.99-1.13 GiB more, up to 5.0% of an A10.
 GPU_HEADROOM = 0.06
-CPU_OVERHEAD_BYTES = 1 * GIB  # Python, torch and the server beside the weights (RSS seen: 0.6-0.8 GiB)
 KV_ORDER = {"none": 0, "int8": 1, "int4": 2}
 WEIGHT_ORDER = {"none": 0, "fp8": 1, "w4a16": 2, "q8_0": 1, "q4_1": 2}
 GGUF_WEIGHTS = ("none", "q8_0", "q4_1")  # llama.cpp's candidates: F16, 8-bit, 4-bit
@@ -96,7 +97,7 @@ class Verdict:
     candidate: Candidate
     label: str
     fits: bool
-    predicted_bytes: int  # nvidia-smi used on the target GPU, or weights + full KV on a CPU
+    predicted_bytes: int  # nvidia-smi used on the target GPU, or `deploy plan`'s resident set on a CPU
     kv_capacity_tokens: int | None
     sessions_that_fit: int
     status: str = "pruned"  # pruned | unmeasured | measured | failed | chosen
@@ -200,30 +201,24 @@ def judge(base: Recipe, candidate: Candidate, target: Target, sessions: int, con
 
 def _judge_cpu(base: Recipe, candidate: Candidate, target: Target, sessions: int,
                config: dict) -> Verdict:
-    engine = base.engine
+    """`deploy plan`'s memory plan for the candidate's server (ram_planner.py): llama.cpp reserves
+    its fp16 KV when it starts; transformers' cache grows with the sessions actually served."""
     llamacpp = candidate.family == "llamacpp"
-    weights = weight_bytes(config, candidate.weights, engine.dtype, base.quantization.group_size)
-    # llama.cpp reserves its fp16 KV when it starts; transformers' cache grows with the sessions
-    # actually served.
-    per_token = kv_bytes_per_token(config, "none", 2 if llamacpp else DTYPE_BYTES[engine.dtype])
-    tokens = (llamacpp_kv_cells(candidate.session_len, candidate.max_batch_size) if llamacpp
-              else sessions * candidate.session_len)
-    kv = tokens * per_token
-    need = weights + kv + CPU_OVERHEAD_BYTES
-    fits = need <= target.total_bytes
-    held = max(0, (target.total_bytes - weights - CPU_OVERHEAD_BYTES) // (candidate.session_len * per_token))
-    if llamacpp:  # its sequences at once; more sessions wait their turn, as with transformers
-        held = min(held, candidate.max_batch_size)
-    verdict = Verdict(candidate, candidate.label, fits, need, None, held)
+    # A KV-quantized candidate is refused below; its bytes are those of its unquantized twin.
+    p = plan_ram(replace(candidate, kv_cache="none").recipe(base), config,
+                 (target.name, target.total_bytes), sessions=None if llamacpp else sessions)
+    held = min(p.sessions_that_fit, candidate.max_batch_size) if llamacpp else p.sessions_that_fit
+    # llama.cpp runs max_batch_size sequences at once; more sessions wait their turn
+    verdict = Verdict(candidate, candidate.label, p.fits, p.rss_bytes, None, held)
     if candidate.kv_cache != "none":
         verdict.fits = False
         engine_name = "llama.cpp (as the kit runs it)" if llamacpp else "the transformers engine"
         verdict.reason = (f"{engine_name} keeps an unquantized KV cache on a CPU; KV "
                           f"{candidate.kv_cache} is served by LMDeploy on a GPU")
-    elif not fits:
-        verdict.reason = (f"weights and {tokens // candidate.session_len} full sessions need "
-                          f"{need / GIB:.1f} GiB of the "
-                          f"{target.total_bytes / GIB:.1f} GiB of RAM")
+    elif not p.fits:
+        full = p.kv_cache_bytes // p.kv_bytes_per_token // p.session_len
+        verdict.reason = (f"weights and {full} full sessions need {p.rss_bytes / GIB:.1f} GiB, more "
+                          f"than {HEADROOM:.0%} of the {target.total_bytes / GIB:.1f} GiB of RAM")
     else:
         verdict.status, verdict.reason = "unmeasured", "fits; not measured yet"
     return verdict

@@ -126,9 +126,10 @@ def test_a_transformers_recipe_is_tuned_on_transformers_with_hqq_group_sizes():
 
 def test_llamacpp_candidates_fit_by_their_gguf_size_and_reserved_kv():
     from deploy.builder.sources import model_config
-    from deploy.engines.sizing import kv_bytes_per_token, weight_bytes
+    from deploy.capacity.ram_planner import BASE_BYTES, LOGIT_BYTES
+    from deploy.engines.sizing import kv_bytes_per_token, llamacpp_batch_tokens, weight_bytes
     from deploy.recipe import load_recipe
-    from deploy.tune.candidates import CPU_OVERHEAD_BYTES, Target, enumerate_candidates, judge
+    from deploy.tune.candidates import Target, enumerate_candidates, judge
 
     base = load_recipe(ROOT / "recipes" / "smollm2-cpu.yaml")
     config = model_config(base)
@@ -139,10 +140,14 @@ def test_llamacpp_candidates_fit_by_their_gguf_size_and_reserved_kv():
                                                   config).predicted_bytes
     # q4_1 < q8_0 < F16, and the KV of 4 sequences plus the scoring one is reserved up front.
     assert by_weights["q4_1"] < by_weights["q8_0"] < by_weights["none"]
+    # It is `deploy plan`'s resident set: the server, the weights, that KV and one step's logits.
     reserved = 5 * base.engine.session_len * kv_bytes_per_token(config, "none", 2)
-    assert by_weights["none"] == weight_bytes(config, "none", "float16") + reserved + CPU_OVERHEAD_BYTES
-    # RAM too small for the F16 weights with that KV: pruned, with the sizes in the reason.
-    small = Target("cpu", "a small box", by_weights["q4_1"] + 1)
+    logits = llamacpp_batch_tokens(4) * config["vocab_size"] * LOGIT_BYTES
+    assert by_weights["none"] == (BASE_BYTES[("llamacpp", base.serve.mode)]
+                                  + weight_bytes(config, "none", "float16") + reserved + logits)
+    # RAM too small for the F16 weights with that KV: pruned, with the sizes in the reason. The
+    # plan leaves a tenth of the RAM to the rest of the machine.
+    small = Target("cpu", "a small box", int(by_weights["q4_1"] / 0.9) + 1)
     tight = [judge(base, c, small, 4, config) for c in enumerate_candidates(base, small, 4, config)
              if c.kv_cache == "none" and c.max_batch_size == 4]
     assert [v.status for v in tight] == ["pruned", "pruned", "unmeasured"]
