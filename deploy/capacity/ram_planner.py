@@ -165,3 +165,29 @@ def render_ram(recipe: Recipe, p: RamPlan) -> str:
     ]
     lines += [f"  ! {a}" for a in p.advice]
     return "\n".join(lines)
+
+
+def preflight(recipe: Recipe, config: dict, ram: tuple[str, int], gguf: Path | None) -> str | None:
+    """Before a CPU engine loads: an error sentence where llama.cpp's KV alone would take more
+    memory than there is (the kernel would kill the server while it clears that KV, with no word
+    why), else None. Between 90% and 100% the plan's advice is logged as a warning; transformers'
+    plan is an upper bound, so it only warns."""
+    import logging
+
+    p = plan_ram(recipe, config, ram, gguf)
+    if p.fits:
+        return None
+    advice = " ".join(p.advice)
+    if p.backend == "llamacpp" and p.rss_bytes > p.ram_bytes:
+        change = (f"set engine.max_batch_size to {p.sessions_that_fit} or less, or a shorter "
+                  "engine.session_len" if p.sessions_that_fit else
+                  "use quantization.weights q8_0 or q4_1, a shorter engine.session_len, or a "
+                  "machine with more memory")
+        return (f"{recipe.name} would hold {p.rss_bytes / GIB:.1f} GiB on llama.cpp, whose KV cache for "
+                f"{p.sessions} sessions of {p.session_len} tokens ({p.kv_cache_bytes / GIB:.1f} GiB) is "
+                f"allocated at start, but {p.machine} has {p.ram_bytes / GIB:.1f} GiB: {change}. "
+                "`python -m deploy plan RECIPE` shows the sizes.")
+    logging.getLogger(__name__).warning(
+        "%s may hold %.1f GiB, more than %d%% of the %.1f GiB of %s: %s", recipe.name,
+        p.rss_bytes / GIB, HEADROOM * 100, p.ram_bytes / GIB, p.machine, advice)
+    return None

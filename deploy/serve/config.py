@@ -8,6 +8,7 @@ frozen `ServeConfig` and an engine, never the recipe.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from typing import Literal
 
 from deploy.builder.manifest import built_model_dir
 from deploy.capacity.memory import memory_report
-from deploy.engines import Engine, engine_config, load_engine, resolve_weights
-from deploy.recipe import Recipe, load_recipe
+from deploy.capacity.ram_planner import preflight
+from deploy.engines import Engine, engine_config, load_engine, resolve_weights, visible_gpus
+from deploy.engines.hardware import usable_ram
+from deploy.recipe import Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,22 @@ def serve_config(recipe: Recipe) -> ServeConfig:
     )
 
 
+def _check_memory(recipe: Recipe, backend: str, folder: Path) -> None:
+    """A llama.cpp server whose KV cache cannot fit is refused before it loads, with what to
+    change (ram_planner.preflight); the transformers engine on a CPU gets a warning at most."""
+    if backend not in ("llamacpp", "transformers") or (backend == "transformers" and visible_gpus()):
+        return
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return
+    ggufs = sorted(folder.glob("*.gguf")) if backend == "llamacpp" else []
+    total, why = usable_ram()
+    problem = preflight(recipe, json.loads(config_file.read_text()), (f"this machine ({why})", total),
+                        ggufs[0] if len(ggufs) == 1 else None)
+    if problem:
+        raise RecipeError(problem)
+
+
 def load_model(recipe: Recipe | str | Path, *, force: bool = False
                ) -> tuple[ServeConfig, Engine, Callable[[], dict]]:
     """The recipe's serving settings, its built model on its engine, and the memory report for
@@ -69,7 +88,9 @@ def load_model(recipe: Recipe | str | Path, *, force: bool = False
     started = time.perf_counter()
     folder = built_model_dir(recipe, force=force)
     log.info("model ready at %s (%.1fs)", folder, time.perf_counter() - started)
+    settings = engine_config(recipe)
+    _check_memory(recipe, settings.backend, folder)
     started = time.perf_counter()
-    engine = load_engine(engine_config(recipe), folder)
+    engine = load_engine(settings, folder)
     log.info("engine %s loaded (%.1fs)", engine.name, time.perf_counter() - started)
     return serve_config(recipe), engine, functools.partial(memory_report, engine, recipe)

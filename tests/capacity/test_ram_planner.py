@@ -7,12 +7,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from deploy.capacity.ram_planner import BASE_BYTES, is_cpu_recipe, parse_ram, plan_ram
+from deploy.capacity.ram_planner import BASE_BYTES, is_cpu_recipe, parse_ram, plan_ram, preflight
 from deploy.engines.hardware import cgroup_memory_limit, usable_ram
 from deploy.recipe import RecipeError, parse_recipe
 from tests.engines.test_cpu_threads import tree
@@ -165,3 +166,71 @@ def _ok(url: str) -> bool:
         return httpx.get(url + "/health", timeout=2).json().get("status") == "ok"
     except httpx.HTTPError:
         return False
+
+
+def test_a_kv_cache_larger_than_the_memory_is_refused_before_llamacpp_allocates_it(caplog):
+    assert preflight(recipe(), SMOLLM2, ("24 GiB", 24 * GIB), None) is None
+    refused = preflight(recipe(session_len=8192, batch=200), SMOLLM2, ("this machine", 24 * GIB), None)
+    assert "set engine.max_batch_size to" in refused and "allocated at start" in refused
+    # Between 90% and 100% of the memory: a warning, and the server loads.
+    p = plan_ram(recipe(), SMOLLM2, ("x", 24 * GIB))
+    with caplog.at_level("WARNING", logger="deploy.capacity.ram_planner"):
+        assert preflight(recipe(), SMOLLM2, ("tight", int(p.rss_bytes / 0.95)), None) is None
+    assert "engine.max_batch_size" in caplog.text
+    # transformers' plan is an upper bound: a warning only, however far over.
+    assert preflight(recipe("transformers", batch=200), SMOLLM2, ("small", GIB), None) is None
+
+
+def memory_cgroup(limit: int) -> Path | None:
+    """A cgroup with a memory limit (v2, else v1's `memory` hierarchy); None where none can be
+    written (not root, or no memory controller)."""
+    import os
+
+    for root, name in ((Path("/sys/fs/cgroup"), "memory.max"),
+                       (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")):
+        if not (root / name).is_file() and not (root / "cgroup.controllers").is_file():
+            continue
+        group = root / f"xlab-test-{os.getpid()}"
+        try:
+            group.mkdir(exist_ok=True)
+            (group / name).write_text(str(limit))
+            return group
+        except OSError:
+            if group.is_dir():
+                group.rmdir()
+    return None
+
+
+def test_serve_under_a_memory_limit_says_what_fits_instead_of_being_killed(assistant, tmp_path):
+    """The default recipe's server (1.2 GiB planned, 0.8 of it KV that llama.cpp clears at start)
+    in a cgroup limited to 900 MiB, as `docker run --memory 900m` would run it. Without the check
+    the kernel kills it while llama.cpp clears its KV, and nothing says why; with it, /health says
+    what fits."""
+    from deploy.serve.ports import free_port
+    from tests.helpers import in_ci
+
+    group = memory_cgroup(900 * MIB)
+    if group is None:
+        if in_ci():
+            pytest.fail("CI runs as root with a memory cgroup controller: none could be made")
+        pytest.skip("no writable memory cgroup here (needs root)")
+    port = free_port()
+    server = subprocess.Popen(
+        ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -m deploy serve '
+         f"recipes/smollm2-cpu.yaml --port {port}", sys.executable],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, health = time.monotonic() + 60, {}
+        while health.get("status") != "failed":
+            assert server.poll() is None, f"the server died (exit {server.returncode}): {health}"
+            assert time.monotonic() < deadline, health
+            time.sleep(0.3)
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            except httpx.HTTPError:
+                pass
+        assert "memory limit" in health["error"] and "set engine.max_batch_size to" in health["error"]
+    finally:
+        server.kill()
+        server.wait(30)
+        group.rmdir()
