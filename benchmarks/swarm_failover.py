@@ -216,6 +216,12 @@ def failover(cluster: Cluster, stack_dir: Path) -> dict:
         both = wait("both replicas answering through the proxy", lambda: len(clients.answered_by()) >= 2
                     and clients.answered_by(), 240)
         serving_at = time.monotonic()
+        # A replica's memory report: the stack's memory limit reached its engine's plan.
+        report = httpx.get(url + "/memory", timeout=30).json()
+        memory = {"planned_against": report["prediction"]["machine"],
+                  "limit_bytes": report["prediction"]["ram_bytes"],
+                  "planned_rss_bytes": report["prediction"]["rss_bytes"],
+                  "rss_bytes": report["process"]["rss_bytes"]}
         victim = sorted(n for n in both if n != "node-1")[0]  # node 1 holds the proxy the clients use
         time.sleep(3)  # traffic on both before the kill
         killed = time.monotonic()
@@ -258,6 +264,7 @@ def failover(cluster: Cluster, stack_dir: Path) -> dict:
         "failures": [{**asdict(r), "started": round(r.started - killed, 2),
                       "ended": round(r.ended - killed, 2)} for r in failed],
         "clients": clients.n,
+        "replica_memory": memory,
     }
 
 

@@ -41,5 +41,9 @@ def test_a_node_dies_and_the_stack_keeps_answering(engine, tmp_path):
     assert figures["replacement_on"] and figures["killed"] not in figures["replacement_on"]
     assert figures["kill_to_replacement_answering_s"] < 240
     assert figures["restart_to_node_ready_s"] < 180
+    # Each replica ran under the memory limit the stack set from `deploy plan`, and planned against it.
+    memory = figures["replica_memory"]
+    assert "memory limit" in memory["planned_against"], memory
+    assert memory["rss_bytes"] < memory["limit_bytes"] / 1.4, memory
     leftover = client.containers.list(all=True, filters={"name": swarm_failover.PREFIX})
     assert leftover == [], "the swarm's nodes must be gone after the run"
