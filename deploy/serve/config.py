@@ -71,7 +71,7 @@ def _check_memory(recipe: Recipe, backend: str, folder: Path) -> None:
         return
     ggufs = sorted(folder.glob("*.gguf")) if backend == "llamacpp" else []
     total, why = usable_ram()
-    problem = preflight(recipe, json.loads(config_file.read_text()), (f"this machine ({why})", total),
+    problem = preflight(recipe, json.loads(config_file.read_text()), (f"this machine, {why}", total),
                         ggufs[0] if len(ggufs) == 1 else None)
     if problem:
         raise RecipeError(problem)
