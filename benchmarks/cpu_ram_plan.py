@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,8 +30,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from benchmarks._common import ROOT, cpu_name
-from deploy.serve.ports import free_port
+from benchmarks._common import ROOT, cpu_name, served, wait_health
 
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "What is 12 times 12?",
              "Name a primary colour.", "What do bees make?", "How many legs has a spider?",
@@ -92,34 +89,15 @@ def ask_eight(url: str, model: str, tokens: int, fill_to: int | None) -> int:
 
 
 def one_server(recipe: Path, tokens: int, fill_to: int | None, log: Path) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "deploy", "serve", str(recipe), "--port", str(port)],
-                                  cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            started = time.perf_counter()
-            while server.poll() is None and time.perf_counter() - started < 300:
-                try:
-                    if httpx.get(url + "/health", timeout=2).json().get("status") == "ok":
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-            ready = httpx.get(url + "/memory", timeout=30).json()
-            answered = ask_eight(url, yaml.safe_load(recipe.read_text())["name"], tokens, fill_to)
-            after = httpx.get(url + "/memory", timeout=30).json()
-            return {"rss_at_ready": ready["process"]["rss_bytes"],
-                    "rss_after_eight": after["process"]["rss_bytes"], "peak_rss": peak_rss(server.pid),
-                    "tokens_answered": answered,
-                    "engine": after["engine"], "prediction": after["prediction"]}
-        finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with served(recipe, log) as (server, url):
+        wait_health(server, url, 300)
+        ready = httpx.get(url + "/memory", timeout=30).json()
+        answered = ask_eight(url, yaml.safe_load(recipe.read_text())["name"], tokens, fill_to)
+        after = httpx.get(url + "/memory", timeout=30).json()
+        return {"rss_at_ready": ready["process"]["rss_bytes"],
+                "rss_after_eight": after["process"]["rss_bytes"], "peak_rss": peak_rss(server.pid),
+                "tokens_answered": answered,
+                "engine": after["engine"], "prediction": after["prediction"]}
 
 
 def summary(runs: list[dict]) -> dict:
