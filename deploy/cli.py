@@ -100,10 +100,13 @@ def _gpu_plan(recipe, config: dict, gpu: str | None, sessions: int | None):
 def _cpu_plan(recipe, config: dict, gpu: str | None, ram: str | None, sessions: int | None):
     """The RAM plan, for a recipe whose engine runs on the CPU (or any recipe given --ram)."""
     from deploy.builder.manifest import local_gguf
-    from deploy.capacity.ram_planner import is_cpu_recipe, parse_ram, plan_ram, render_ram
-    from deploy.engines.hardware import usable_ram, visible_gpus
+    from deploy.capacity.ram_planner import is_cpu_recipe, parse_ram, plan_ram, render_ram, this_machine
+    from deploy.engines.hardware import visible_gpus
 
-    on_cpu = is_cpu_recipe(recipe, gpu_here=gpu is not None or visible_gpus() > 0)
+    # Only a transformers recipe depends on a GPU being here; asking costs a torch import where NVML
+    # finds no driver, so a llama.cpp recipe never asks.
+    gpu_here = gpu is not None or (recipe.engine.backend == "transformers" and visible_gpus() > 0)
+    on_cpu = is_cpu_recipe(recipe, gpu_here)
     if recipe.engine.backend == "llamacpp" and gpu is not None:
         raise RecipeError("engine.backend llamacpp runs on the CPU, so --gpu does not apply to this "
                           "recipe: leave it out, or give --ram to plan for another machine's memory.")
@@ -112,11 +115,7 @@ def _cpu_plan(recipe, config: dict, gpu: str | None, ram: str | None, sessions: 
     if not on_cpu and recipe.engine.backend != "transformers":
         raise RecipeError(f"--ram plans an engine on the CPU; engine.backend {recipe.engine.backend} "
                           "runs on a GPU: use --gpu.")
-    if ram is not None:
-        machine = parse_ram(ram)
-    else:
-        total, why = usable_ram()
-        machine = (f"this machine, {why}", total)
+    machine = parse_ram(ram) if ram is not None else this_machine()
     gguf = local_gguf(recipe) if recipe.engine.backend == "llamacpp" else None
     result = plan_ram(recipe, config, machine, gguf, sessions)
     return result, render_ram(recipe, result)
@@ -257,11 +256,10 @@ def _replica_memory(recipe) -> tuple[int, int] | None:
         return None
     from deploy.builder.manifest import local_gguf
     from deploy.builder.sources import model_config
-    from deploy.capacity.ram_planner import plan_ram
-    from deploy.engines.hardware import usable_ram
+    from deploy.capacity.ram_planner import plan_ram, this_machine
 
     gguf = local_gguf(recipe) if recipe.engine.backend == "llamacpp" else None
-    plan = plan_ram(recipe, model_config(recipe), ("this machine", usable_ram()[0]), gguf)
+    plan = plan_ram(recipe, model_config(recipe), this_machine(), gguf)
     return replica_memory(plan.rss_bytes)
 
 

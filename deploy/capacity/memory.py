@@ -55,12 +55,9 @@ def _prediction(engine: Engine, recipe: Recipe, gpus: list[dict], device: str) -
 def _ram_prediction(engine: Engine, recipe: Recipe) -> dict:
     """The RAM plan (ram_planner.py) for this machine: its `rss_bytes` is process.rss_bytes's
     prediction. For transformers, at full sessions (the KV grows as they fill)."""
-    from deploy.capacity.ram_planner import plan_ram
-    from deploy.engines.hardware import usable_ram
+    from deploy.capacity.ram_planner import plan_ram, this_machine
 
-    total, why = usable_ram()
-    p = plan_ram(recipe, engine.model_config, (f"this machine, {why}", total),
-                 getattr(engine, "gguf", None))
+    p = plan_ram(recipe, engine.model_config, this_machine(), getattr(engine, "gguf", None))
     keys = ("base_bytes", "weight_bytes", "kv_bytes_per_token", "kv_cache_bytes", "working_bytes",
             "rss_bytes", "sessions_that_fit", "machine", "ram_bytes", "fits")
     return {"device": "cpu", **{k: getattr(p, k) for k in keys}}

@@ -20,6 +20,7 @@ limit counts):
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from deploy.engines.sizing import (
 )
 from deploy.recipe import Recipe, RecipeError
 
+log = logging.getLogger(__name__)
 GIB = 2**30
 MIB = 2**20
 # The server's resident set without its model: `python -m deploy serve` on the bundled model at
@@ -72,6 +74,14 @@ class RamPlan:
 
     def as_dict(self) -> dict:
         return {"device": "cpu", **asdict(self)}
+
+
+def this_machine() -> tuple[str, int]:
+    """This machine as a plan's memory: its RAM, or its cgroup's memory limit where lower."""
+    from deploy.engines.hardware import usable_ram
+
+    total, why = usable_ram()
+    return f"this machine, {why}", total
 
 
 def parse_ram(text: str) -> tuple[str, int]:
@@ -172,8 +182,6 @@ def preflight(recipe: Recipe, config: dict, ram: tuple[str, int], gguf: Path | N
     memory than there is (the kernel would kill the server while it clears that KV, with no word
     why), else None. Between 90% and 100% the plan's advice is logged as a warning; transformers'
     plan is an upper bound, so it only warns."""
-    import logging
-
     p = plan_ram(recipe, config, ram, gguf)
     if p.fits:
         return None
@@ -187,7 +195,7 @@ def preflight(recipe: Recipe, config: dict, ram: tuple[str, int], gguf: Path | N
                 f"{p.sessions} sessions of {p.session_len} tokens ({p.kv_cache_bytes / GIB:.1f} GiB) is "
                 f"allocated at start, but {p.machine} has {p.ram_bytes / GIB:.1f} GiB: {change}. "
                 "`python -m deploy plan RECIPE` shows the sizes.")
-    logging.getLogger(__name__).warning(
+    log.warning(
         "%s may hold %.1f GiB, more than %d%% of the %.1f GiB of %s: %s", recipe.name,
         p.rss_bytes / GIB, HEADROOM * 100, p.ram_bytes / GIB, p.machine, advice)
     return None

@@ -18,9 +18,8 @@ from typing import Literal
 
 from deploy.builder.manifest import built_model_dir
 from deploy.capacity.memory import memory_report
-from deploy.capacity.ram_planner import preflight
+from deploy.capacity.ram_planner import preflight, this_machine
 from deploy.engines import Engine, engine_config, load_engine, resolve_weights, visible_gpus
-from deploy.engines.hardware import usable_ram
 from deploy.recipe import Recipe, RecipeError, load_recipe
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,7 @@ def _check_memory(recipe: Recipe, backend: str, folder: Path) -> None:
     if not config_file.is_file():
         return
     ggufs = sorted(folder.glob("*.gguf")) if backend == "llamacpp" else []
-    total, why = usable_ram()
-    problem = preflight(recipe, json.loads(config_file.read_text()), (f"this machine, {why}", total),
+    problem = preflight(recipe, json.loads(config_file.read_text()), this_machine(),
                         ggufs[0] if len(ggufs) == 1 else None)
     if problem:
         raise RecipeError(problem)
