@@ -26,12 +26,18 @@ class GGUFError(RuntimeError):
 def write_gguf(source: Path, target: Path, weights: str) -> Path:
     """`source` rewritten as `target` in the type for `weights`, atomically (a reader sees no
     file or a complete one)."""
+    return write_gguf_type(source, target, GGUF_TYPES[weights])
+
+
+def write_gguf_type(source: Path, target: Path, file_type: str) -> Path:
+    """`write_gguf` for any of llama.cpp's file types by name (`LLAMA_FTYPE_MOSTLY_<file_type>`):
+    the recipe offers only the types in GGUF_TYPES; benchmarks/gguf_4bit_formats.py tries others."""
     import llama_cpp
     import llama_cpp._logger as llama_log
 
     llama_log.set_verbose(False)  # a line per tensor otherwise; errors still show
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{GGUF_TYPES[weights]}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
     params.allow_requantize = True  # the source may itself be quantized (the bundled Q4_1)
     # the CPUs this build may use, not the host's: under a 1-CPU quota a thread per host CPU made
     # the Q8_0 write slower (docs/data/gguf-quantize-threads.json)
