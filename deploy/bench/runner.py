@@ -39,6 +39,7 @@ SETTINGS = {
     "llamacpp-f16": ("llamacpp", "none", "none"),
     "llamacpp-q8_0": ("llamacpp", "q8_0", "none"),
     "llamacpp-q4_1": ("llamacpp", "q4_1", "none"),
+    "llamacpp-q4_0": ("llamacpp", "q4_0", "none"),  # fastest 4-bit on AVX2, fails the gate on SmolLM2
     "transformers-fp16": ("transformers", "none", "none"),
     "transformers-bf16": ("transformers", "none", "none"),
     "transformers-w4a16": ("transformers", "w4a16", "none"),

@@ -27,6 +27,21 @@ class GateRefusal(KitError):
     exit_code = 6
 
 
+# What a failed gate can try next, per weight format. AWQ and HQQ groups can shrink; a GGUF type's
+# blocks and FP8's are fixed, so there the next try is a less lossy format.
+GATE_RETRY = {
+    "w4a16": "a smaller quantization.group_size",
+    "q4_0": "quantization.weights q4_1 (4-bit with a minimum per block) or q8_0",
+    "q4_1": "quantization.weights q8_0",
+    "q8_0": "quantization.weights none (the unquantized model)",
+    "fp8": "quantization.weights w4a16, or none (the unquantized model)",
+}
+
+
+def gate_retry(weights: str) -> str:
+    return GATE_RETRY.get(weights, "another quantization.weights format")
+
+
 def work_dir(recipe: Recipe) -> Path:
     return build_dir(recipe.name)
 
@@ -141,10 +156,8 @@ def check_gate(recipe: Recipe, *, force: bool = False) -> None:
         problem = (f"failed the quality gate (top-1 agreement {out['top1_agreement']:.3f}, at least "
                    f"{gate.min_top1_agreement} needed; mean KL {out['mean_kl']:.4f}, at most "
                    f"{gate.max_mean_kl} allowed; report: {out['report']})")
-        retry = ("a smaller quantization.group_size" if quantize["outputs"]["method"] in ("awq", "hqq")
-                 else "another quantization.weights format")
-        fix = (f"Try {retry} and build again, or relax quantization.verify if the answers in the "
-               "report look right")
+        fix = (f"Try {gate_retry(recipe.quantization.weights)} and build again, or relax "
+               "quantization.verify if the answers in the report look right")
     else:
         return
     if force:

@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from deploy.atomic import write_json
-from deploy.builder.manifest import already_quantized, manifest_path, read_manifest, work_dir
+from deploy.builder.manifest import already_quantized, gate_retry, manifest_path, read_manifest, work_dir
 from deploy.builder.quantize import default_calibration_file
 from deploy.builder.sources import model_dir
 from deploy.errors import KitError
@@ -331,8 +331,9 @@ def _verify(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
         f"The quantized model failed the quality gate: top-1 agreement "
         f"{result.top1_agreement:.3f} (at least {gate.min_top1_agreement} needed), mean KL "
         f"{result.mean_kl:.4f} (at most {gate.max_mean_kl} allowed) over {result.positions} "
-        f"positions. See {work / 'verify.json'} for the answers side by side. Try a smaller "
-        "quantization.group_size, or relax quantization.verify if the answers look right."
+        f"positions. See {work / 'verify.json'} for the answers side by side. "
+        f"Try {gate_retry(recipe.quantization.weights)}, or relax quantization.verify if the "
+        "answers look right."
     )
     return {"passed": passed, "message": message, "top1_agreement": result.top1_agreement,
             "mean_kl": result.mean_kl, "positions": result.positions,

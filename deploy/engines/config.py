@@ -35,7 +35,7 @@ class EngineConfig:
     own_process: bool = True  # LMDeploy's PyTorch engine in a process of its own
     cache_max_entry_count: float | None = None  # LMDeploy: share of free memory for the KV cache
     kv_cache_gib: float | None = None  # or an absolute KV budget
-    weights: str = "none"  # none, w4a16, fp8, q4_1 or q8_0: the weight format the folder must hold
+    weights: str = "none"  # none, w4a16, fp8, q4_1, q4_0 or q8_0: the weight format the folder must hold
     group_size: int = 128  # w4a16's quantization group
     kv_cache: str = "none"  # none, int8 or int4
     chat_template: str | None = None  # Jinja text overriding the tokenizer's own

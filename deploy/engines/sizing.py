@@ -35,8 +35,8 @@ def kv_bytes_per_token(config: Any, kv_cache: str = "none", dtype_bytes: float =
 
 DTYPE_BYTES = {"auto": 2, "float16": 2, "bfloat16": 2, "float32": 4}
 # Bytes per block of 32 weights: q8_0 is 32 int8 and an f16 scale; q4_1 is 32 nibbles, an f16
-# scale and an f16 minimum (ggml-common.h).
-GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_1": 20}
+# scale and an f16 minimum; q4_0 the same without the minimum (ggml-common.h).
+GGUF_BLOCK_BYTES = {"q8_0": 34, "q4_1": 20, "q4_0": 18}
 
 
 LLAMACPP_CHUNK = 256  # prompt tokens llama.cpp's engine prefills in one step beside its decode rows

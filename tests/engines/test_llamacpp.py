@@ -1,6 +1,7 @@
 """The llama.cpp engine on the bundled model's F16 GGUF: concurrent greedy answers equal the same
 requests made alone, through the real server and the official openai client; scoring, log
-probabilities and cancellation on the engine itself; the 4-bit GGUF build passes its gate."""
+probabilities and cancellation on the engine itself; the 4-bit GGUF build passes its gate, and the
+rougher Q4_0 fails it with the format to try next."""
 
 from __future__ import annotations
 
@@ -109,3 +110,26 @@ def test_the_4bit_gguf_build_passes_its_gate(tmp_path, monkeypatch):
     assert verify["passed"] is True and verify["top1_agreement"] >= 0.9
     report = json.loads((tmp_path / "builds" / "smollm2-cpu-q4" / "verify.json").read_text())
     assert report["positions"] > 50 and report["mean_kl"] >= 0
+
+
+@pytest.mark.slow
+def test_a_q4_0_build_fails_the_gate_and_names_the_format_to_try(tmp_path, monkeypatch):
+    """Q4_0 decodes fastest on AVX2 but is too rough for the bundled model (top-1 0.70 in
+    docs/data/gguf-4bit-formats.json): the gate refuses it and points at q4_1, not at a group
+    size that a GGUF type does not have."""
+    from deploy.builder.pipeline import QualityGateError, build
+    from deploy.recipe import load_recipe
+    from tests.helpers import ROOT
+
+    monkeypatch.setenv("XLAB_DEPLOY_HOME", str(tmp_path))
+    text = (ROOT / "recipes" / "smollm2-cpu-q4.yaml").read_text()
+    recipe_file = tmp_path / "q40.yaml"
+    recipe_file.write_text(text.replace("weights: q4_1", "weights: q4_0").replace(
+        "name: smollm2-cpu-q4", "name: smollm2-cpu-q40"))
+    with pytest.raises(QualityGateError) as failed:
+        build(load_recipe(recipe_file))
+    message = str(failed.value)
+    assert "failed the quality gate" in message and "quantization.weights q4_1" in message
+    assert "group_size" not in message
+    folder = tmp_path / "builds" / "smollm2-cpu-q40"
+    assert [p.name for p in folder.rglob("*.gguf")] == ["SmolLM2-135M-Instruct.Q4_0.gguf"]
