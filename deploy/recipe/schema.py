@@ -29,7 +29,7 @@ from deploy.errors import RecipeError
 DEFAULT_BUNDLED_MODEL = "SmolLM2-135M-Instruct"
 
 # quantization.weights that are GGUF types, served by engine.backend llamacpp alone
-GGUF_WEIGHTS = ("q4_1", "q4_0", "q8_0")
+GGUF_FORMATS = ("q4_1", "q4_0", "q8_0")
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -252,7 +252,7 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _weights_fit_engine(self) -> Recipe:
         weights, backend = self.quantization.weights, self.engine.backend
-        gguf = weights in GGUF_WEIGHTS
+        gguf = weights in GGUF_FORMATS
         if gguf and backend != "llamacpp":
             raise ValueError(f"quantization.weights {weights!r} is a GGUF type, served by "
                              "engine.backend: llamacpp; set that backend, or use w4a16")
