@@ -138,7 +138,7 @@ def tune(recipe: Path, gpu: str | None, sessions: int | None, min_top1: float | 
     """Find the best settings for a GPU (or this CPU), a number of sessions and a quality floor:
     the planner prunes the candidates, the benchmark measures the survivors within the budget, and
     the winner is written as a recipe beside a report of every candidate. On a CPU the recipe's own
-    engine is tuned: llama.cpp's F16, q8_0 and q4_1 for a llamacpp recipe, else transformers with
+    engine is tuned: llama.cpp's F16, q8_0, q4_1 and q4_0 for a llamacpp recipe, else transformers with
     HQQ 4-bit group sizes."""
     from deploy.builder.sources import model_config
     from deploy.tune import parse_budget

@@ -3,7 +3,7 @@
 A candidate is one point of weights x KV cache x cache size x max_batch_size x session_len. On a
 GPU the planner (deploy/capacity/planner.py) decides whether it fits the target card and holds the
 sessions asked for. On a CPU the recipe's CPU engine runs: llama.cpp (a recipe with engine.backend
-llamacpp: F16, q8_0 and q4_1 GGUFs, an fp16 KV cache reserved up front for every sequence) or
+llamacpp: F16, q8_0, q4_1 and q4_0 GGUFs, an fp16 KV cache reserved up front for every sequence) or
 transformers (HQQ 4-bit weights by group size, an unquantized KV cache that grows per request); the
 check is `deploy plan`'s resident set for the candidate's server against the RAM
 (deploy/capacity/ram_planner.py).
@@ -24,8 +24,10 @@ from deploy.recipe import Recipe, parse_recipe
 # 0.2 GiB of the prediction, AWQ weights 0.99-1.13 GiB more, up to 5.0% of an A10.
 GPU_HEADROOM = 0.06
 KV_ORDER = {"none": 0, "int8": 1, "int4": 2}
-WEIGHT_ORDER = {"none": 0, "fp8": 1, "w4a16": 2, "q8_0": 1, "q4_1": 2}
-GGUF_WEIGHTS = ("none", "q8_0", "q4_1")  # llama.cpp's candidates: F16, 8-bit, 4-bit
+WEIGHT_ORDER = {"none": 0, "fp8": 1, "w4a16": 2, "q8_0": 1, "q4_1": 2, "q4_0": 3}
+# llama.cpp's candidates: F16, 8-bit, 4-bit, and the 4-bit type AVX2 decodes fastest (rougher: the
+# quality floor decides; docs/data/gguf-4bit-formats.json)
+GGUF_WEIGHTS = ("none", "q8_0", "q4_1", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Target:
 @dataclass(frozen=True)
 class Candidate:
     family: str  # lmdeploy (on a GPU) | llamacpp or transformers (on a CPU)
-    weights: str  # none | fp8 | w4a16 | q8_0 | q4_1 (the last two: llamacpp)
+    weights: str  # none | fp8 | w4a16 | q8_0 | q4_1 | q4_0 (the last three: llamacpp)
     kv_cache: str  # none | int8 | int4
     max_batch_size: int
     session_len: int

@@ -71,7 +71,7 @@ def test_every_candidate_says_why(tuned):
         if c["status"] == "failed" and c["measured"]:
             assert "floor" in c["reason"] or "KL" in c["reason"]
     # The default recipe is on llama.cpp: its GGUF types are the candidates, every one on llama.cpp.
-    assert {c["candidate"]["weights"] for c in report["candidates"]} == {"none", "q8_0", "q4_1"}
+    assert {c["candidate"]["weights"] for c in report["candidates"]} == {"none", "q8_0", "q4_1", "q4_0"}
     assert {c["candidate"]["family"] for c in report["candidates"]} == {"llamacpp"}
     measured = {c["candidate"]["weights"] for c in report["candidates"] if c["measured"]}
     assert "none" in measured and measured - {"none"}, "the reference and a quantized candidate"
@@ -138,8 +138,8 @@ def test_llamacpp_candidates_fit_by_their_gguf_size_and_reserved_kv():
         if candidate.kv_cache == "none" and candidate.max_batch_size == 4:
             by_weights[candidate.weights] = judge(base, candidate, Target("cpu", "x", 24 * 2**30), 4,
                                                   config).predicted_bytes
-    # q4_1 < q8_0 < F16, and the KV of 4 sequences plus the scoring one is reserved up front.
-    assert by_weights["q4_1"] < by_weights["q8_0"] < by_weights["none"]
+    # q4_0 < q4_1 < q8_0 < F16, and the KV of 4 sequences plus the scoring one is reserved up front.
+    assert by_weights["q4_0"] < by_weights["q4_1"] < by_weights["q8_0"] < by_weights["none"]
     # It is `deploy plan`'s resident set: the server, the weights, that KV and one step's logits.
     reserved = 5 * base.engine.session_len * kv_bytes_per_token(config, "none", 2)
     logits = llamacpp_batch_tokens(4) * config["vocab_size"] * LOGIT_BYTES
@@ -150,7 +150,7 @@ def test_llamacpp_candidates_fit_by_their_gguf_size_and_reserved_kv():
     small = Target("cpu", "a small box", int(by_weights["q4_1"] / 0.9) + 1)
     tight = [judge(base, c, small, 4, config) for c in enumerate_candidates(base, small, 4, config)
              if c.kv_cache == "none" and c.max_batch_size == 4]
-    assert [v.status for v in tight] == ["pruned", "pruned", "unmeasured"]
+    assert [v.status for v in tight] == ["pruned", "pruned", "unmeasured", "unmeasured"]
     assert "GiB of RAM" in tight[0].reason
 
 
