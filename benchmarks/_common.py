@@ -75,13 +75,14 @@ def serve_and_ask(recipe: Path, log_path: Path, model_name: str, env: dict | Non
     return result
 
 
-def bundled_gguf(model_dir: Path, kind: str) -> Path:
-    """The bundled model's GGUF of type `kind` (q8_0, q4_1) beside `model_dir` (its F16 folder),
-    written once by the builder's own gguf_quantize, as the smollm2-cpu-q4 recipe builds it."""
+def bundled_gguf(model_dir: Path, file_type: str) -> Path:
+    """The bundled model's GGUF of llama.cpp's `file_type` (Q8_0, Q4_1, ...) beside `model_dir` (its
+    F16 folder), written once by the builder's own gguf_quantize, as the smollm2-cpu-q4 recipe
+    builds it."""
     from deploy.builder.gguf import gguf_quantize
     from deploy.engines.llamacpp_engine import find_gguf
 
-    folder = model_dir.parent / f"SmolLM2-135M-Instruct-{kind}-bench"
+    folder = model_dir.parent / f"SmolLM2-135M-Instruct-{file_type.lower()}-bench"
     if not folder.is_dir():
-        gguf_quantize(kind, model_dir, folder)
+        gguf_quantize(file_type, model_dir, folder)
     return find_gguf(folder)

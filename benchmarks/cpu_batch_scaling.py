@@ -69,8 +69,8 @@ def decode_rate(lib, model, sequences: int, steps: int, threads: int,
 def files(model_dir: Path) -> dict[str, Path]:
     from deploy.engines.llamacpp_engine import find_gguf
 
-    return {"F16": find_gguf(model_dir), "Q8_0": bundled_gguf(model_dir, "q8_0"),
-            "Q4_1": bundled_gguf(model_dir, "q4_1")}
+    return {"F16": find_gguf(model_dir), "Q8_0": bundled_gguf(model_dir, "Q8_0"),
+            "Q4_1": bundled_gguf(model_dir, "Q4_1")}
 
 
 def main() -> None:

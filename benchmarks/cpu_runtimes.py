@@ -144,7 +144,7 @@ def rows(model_dir: Path, only: set[str] | None):
     from deploy.engines.llamacpp_engine import find_gguf
 
     f16 = find_gguf(model_dir)
-    q4 = bundled_gguf(model_dir, "q4_1")
+    q4 = bundled_gguf(model_dir, "Q4_1")
     tokenizer = load_tokenizer(model_dir)
 
     def kit(backend, gguf=None):

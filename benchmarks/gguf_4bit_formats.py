@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks._common import ROOT, cpu_name
+from benchmarks._common import ROOT, bundled_gguf, cpu_name
 from benchmarks.cpu_batch_scaling import decode_rate
 
 SEQUENCES = (1, 8)
@@ -40,21 +40,6 @@ def tensor_types(path: Path) -> dict[str, int]:
 
     reader = gguf.GGUFReader(str(path))
     return dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
-
-
-def write_type(f16_dir: Path, file_type: str) -> Path:
-    """A model folder beside the F16 one holding the tokenizer and a GGUF of `file_type`."""
-    from deploy.atomic import atomic_dir, copy_model_files
-    from deploy.builder.gguf import write_gguf_type
-    from deploy.engines.llamacpp_engine import find_gguf
-
-    folder = f16_dir.parent / f"SmolLM2-135M-Instruct-{file_type}-formats"
-    if not folder.is_dir():
-        with atomic_dir(folder) as work:
-            copy_model_files(f16_dir, work)
-            write_gguf_type(find_gguf(f16_dir), work / f"SmolLM2-135M-Instruct.{file_type}.gguf",
-                            file_type)
-    return folder
 
 
 def gate_scores(f16_dir: Path, folders: dict[str, Path]) -> dict[str, dict]:
@@ -128,8 +113,9 @@ def main() -> None:
     from deploy.engines.llamacpp_engine import find_gguf
 
     f16_dir = bundled_model_dir("SmolLM2-135M-Instruct", False)
-    folders = {name: write_type(f16_dir, name) for name in args.types.split(",")}
-    files = {"F16": find_gguf(f16_dir), **{n: find_gguf(f) for n, f in folders.items()}}
+    quantized = {name: bundled_gguf(f16_dir, name) for name in args.types.split(",")}
+    folders = {name: path.parent for name, path in quantized.items()}
+    files = {"F16": find_gguf(f16_dir), **quantized}
     gate = gate_scores(f16_dir, folders)
     threads = usable_cpus()[0]
     report = {

@@ -25,15 +25,10 @@ class GGUFError(RuntimeError):
     """llama.cpp could not write the file."""
 
 
-def write_gguf(source: Path, target: Path, weights: str) -> Path:
-    """`source` rewritten as `target` in the type for `weights`, atomically (a reader sees no
-    file or a complete one)."""
-    return write_gguf_type(source, target, GGUF_TYPES[weights])
-
-
-def write_gguf_type(source: Path, target: Path, file_type: str) -> Path:
-    """`write_gguf` for any of llama.cpp's file types by name (`LLAMA_FTYPE_MOSTLY_<file_type>`):
-    the recipe offers only the types in GGUF_TYPES; benchmarks/gguf_4bit_formats.py tries others."""
+def write_gguf(source: Path, target: Path, file_type: str) -> Path:
+    """`source` rewritten as `target` in llama.cpp's `file_type` (`LLAMA_FTYPE_MOSTLY_<file_type>`:
+    the recipe's are GGUF_TYPES' values; benchmarks/gguf_4bit_formats.py tries others), atomically
+    (a reader sees no file or a complete one)."""
     import llama_cpp
     import llama_cpp._logger as llama_log
 
@@ -53,18 +48,18 @@ def write_gguf_type(source: Path, target: Path, file_type: str) -> Path:
     return target
 
 
-def gguf_name(stem: str, weights: str) -> str:
-    return f"{stem}.{GGUF_TYPES[weights]}.gguf"
+def gguf_name(stem: str, file_type: str) -> str:
+    return f"{stem}.{file_type}.gguf"
 
 
-def gguf_quantize(weights: str, source_dir: Path, out_dir: Path) -> Path:
+def gguf_quantize(file_type: str, source_dir: Path, out_dir: Path) -> Path:
     """A model folder for the llama.cpp engine: `source_dir`'s tokenizer and config, and its GGUF
-    rewritten in the type `weights` names. The folder appears whole or not at all."""
+    rewritten in llama.cpp's `file_type`. The folder appears whole or not at all."""
     from deploy.engines.llamacpp_engine import find_gguf
 
     source = find_gguf(source_dir)
     stem = source.name.removesuffix(".gguf").removesuffix(".F16")
     with atomic_dir(out_dir) as work:
         copy_model_files(source_dir, work)
-        write_gguf(source, work / gguf_name(stem, weights), weights)
+        write_gguf(source, work / gguf_name(stem, file_type), file_type)
     return out_dir

@@ -278,9 +278,9 @@ def _quantize(recipe: Recipe, work: Path, outputs: dict, **_) -> dict:
             fp8_quantize(source, target, advance, device=device)
         return {"model_dir": str(target), "method": method}
     if method == "gguf":
-        from deploy.builder.gguf import gguf_quantize
+        from deploy.builder.gguf import GGUF_TYPES, gguf_quantize
 
-        gguf_quantize(recipe.quantization.weights, source, target)
+        gguf_quantize(GGUF_TYPES[recipe.quantization.weights], source, target)
         return {"model_dir": str(target), "method": method, "type": recipe.quantization.weights}
     from deploy.builder.quantize import awq_quantize, hqq_quantize
 

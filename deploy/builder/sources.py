@@ -14,7 +14,7 @@ from pathlib import Path
 
 from deploy import home
 from deploy.atomic import atomic_dir
-from deploy.builder.gguf import gguf_name, write_gguf
+from deploy.builder.gguf import GGUF_TYPES, gguf_name, write_gguf
 from deploy.engines.base import HQQ_MARKER
 from deploy.errors import KitError
 from deploy.recipe import Recipe
@@ -139,7 +139,7 @@ def bundled_model_dir(name: str, weights: bool = True) -> Path:
             f"No bundled model named {name!r}; the kit bundles: {', '.join(BUNDLED)}."
         )
     target = home.bundled_model_dir(name)
-    f16 = target / gguf_name(name, "none")
+    f16 = target / gguf_name(name, GGUF_TYPES["none"])
     convert = not (target / "config.json").is_file() or weights and not (
         target / "model.safetensors").is_file()
     # The F16 GGUF is the llama.cpp engine's (gguf.py says why); without llama-cpp-python it is
@@ -153,7 +153,7 @@ def bundled_model_dir(name: str, weights: bool = True) -> Path:
             _convert_gguf(gguf_dir, filename, target, weights)
         if add_gguf:
             log.info("Writing the bundled model's F16 GGUF for llama.cpp once: %s", f16)
-            write_gguf(gguf_dir / filename, f16, "none")
+            write_gguf(gguf_dir / filename, f16, GGUF_TYPES["none"])
     return target
 
 
